@@ -1,0 +1,22 @@
+"""bwbpf_jax: block-wise, backprop-free training of deep networks in JAX/Flax.
+
+A network is cut into K blocks; each block learns from its own auxiliary head
+and no gradient crosses a block boundary (Cheng et al., ICASSP 2024). The same
+code also trains with deep supervision (the reference implementation's
+behaviour) and with plain backprop, for honest comparisons.
+
+    model = bwbpf_jax.build_model('vgg16', num_classes=10, num_blocks=4)
+    tx = bwbpf_jax.make_optimizer('sgd', learning_rate=0.1, total_steps=10_000)
+    states = bwbpf_jax.init_block_states(model, tx, jax.random.key(0), (32, 32, 3))
+    train_step = bwbpf_jax.make_train_step(model, tx)
+    states, metrics = train_step(states, {'image': images, 'label': labels})
+"""
+
+from bwbpf_jax.errors import UsageError
+from bwbpf_jax.models import ARCHITECTURES, HEADS
+from bwbpf_jax.optimizers import OPTIMIZERS, make_optimizer
+from bwbpf_jax.partition import MODES, PartitionedModel, build_model, default_split_points
+from bwbpf_jax.state import (BlockState, abstract_block_states, backbone_param_count,
+                             init_block_states)
+from bwbpf_jax.step import (eval_step, make_blockwise_train_step, make_eval_step,
+                            make_train_step, train_step)

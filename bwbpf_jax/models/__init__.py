@@ -1,0 +1,29 @@
+"""Architectures as (stem, units, stage_of_unit) sequences, and the classifier heads."""
+
+import jax.numpy as jnp
+
+from bwbpf_jax.errors import UsageError
+from bwbpf_jax.models import heads
+from bwbpf_jax.models import resnet
+from bwbpf_jax.models import vgg
+
+ARCHITECTURES = tuple(vgg.CONVS_PER_STAGE) + tuple(resnet.UNITS_PER_STAGE)
+HEADS = tuple(heads.HEADS)
+
+
+def architecture_units(arch: str, *, width: float = 1.0, stem: str = 'cifar',
+                       dtype=jnp.float32):
+  """Returns (stem_module_or_None, units, stage_of_unit) of an architecture."""
+  if arch in vgg.CONVS_PER_STAGE:
+    return vgg.vgg_units(arch, width, dtype)
+  if arch in resnet.UNITS_PER_STAGE:
+    if stem not in resnet.STEMS:
+      raise UsageError(f'unknown stem {stem!r}; choose one of {", ".join(resnet.STEMS)}')
+    return resnet.resnet_units(arch, width, stem, dtype)
+  raise UsageError(f'unknown architecture {arch!r}; choose one of {", ".join(ARCHITECTURES)}')
+
+
+def make_head(name: str, num_classes: int, dtype=jnp.float32):
+  if name not in heads.HEADS:
+    raise UsageError(f'unknown auxiliary head {name!r}; choose one of {", ".join(HEADS)}')
+  return heads.HEADS[name](num_classes, dtype=dtype)

@@ -1,0 +1,183 @@
+"""Cutting a network's unit sequence into K blocks, each a Flax module with its own head.
+
+A network is `stem, unit_0 .. unit_{n-1}, classifier`. Split points are the unit
+indices where a new block starts: K blocks have K-1 of them. The stem always
+belongs to block 0 and the classifier is block K-1's head; blocks 0..K-2 end in
+an auxiliary head.
+
+Where each block's input is detached, and which heads see detached features, is
+what distinguishes the three training modes (see `MODES`); the parameters, the
+units and the step are the same in all three.
+"""
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from bwbpf_jax import models
+from bwbpf_jax.errors import UsageError
+
+# bwbpf: every block's input is detached; each block learns from its own head only.
+# deep_supervision: nothing is detached; every head's loss reaches all earlier blocks
+#   (what the reference PyTorch code computes, since it never detaches).
+# bp: nothing is detached for the backbone, which learns from the output loss only;
+#   the auxiliary heads are trained as probes on detached features, so every block
+#   still reports an accuracy without changing the backbone's gradient.
+MODES = ('bwbpf', 'deep_supervision', 'bp')
+
+
+class Block(nn.Module):
+  """A contiguous run of units and the head that reads its output.
+
+  Returns `(features, logits)`: `features` [B, H, W, C] feed the next block and
+  `logits` [B, num_classes] give this block's local loss.
+  """
+  units: Sequence[nn.Module]
+  head: nn.Module
+  stem: Optional[nn.Module] = None
+  detach_input: bool = True
+  detach_head_input: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.detach_input:
+      # The block boundary: no gradient from this block's loss leaves the block.
+      x = jax.lax.stop_gradient(x)
+    if self.stem is not None:
+      x = self.stem(x, train=train)
+    for unit in self.units:
+      x = unit(x, train=train)
+    head_input = jax.lax.stop_gradient(x) if self.detach_head_input else x
+    return x, self.head(head_input, train=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionedModel:
+  """A network cut into blocks; hashable, so it can be a static argument of jit."""
+  arch: str
+  blocks: tuple
+  split_points: tuple
+  mode: str
+  num_classes: int
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.blocks)
+
+  __hash__ = object.__hash__  # Identity: rebuild the model to change it.
+  __eq__ = object.__eq__
+
+
+def _round_half_up(x: float) -> int:
+  return int(x + 0.5)
+
+
+def _split_evenly(start: int, size: int, parts: int) -> list:
+  """Cut points splitting units [start, start+size) into `parts` near-equal runs.
+
+  Cumulative rounding alternates run lengths (23 units in 5 parts: 5,4,5,4,5),
+  which reproduces the reference code's 8-block ResNet-101.
+  """
+  return [start + _round_half_up(size * i / parts) for i in range(1, parts)]
+
+
+def default_split_points(stage_of_unit: Sequence[int], num_blocks: int) -> tuple:
+  """The paper's partition: cut at stage boundaries, then cut the largest stages further.
+
+  With K at most the number of stages S, keep the K-1 stage boundaries that make the
+  largest block (in units) smallest. With K > S every stage boundary is kept and the
+  K-S extra blocks go one at a time to the stage with the most units per block
+  (earlier stage on ties), each stage then split evenly.
+  """
+  num_units = len(stage_of_unit)
+  if not 1 <= num_blocks <= num_units:
+    raise UsageError(f'cannot cut {num_units} units into {num_blocks} blocks; '
+                     f'choose --num_blocks between 1 and {num_units}')
+  stage_sizes = [stage_of_unit.count(s) for s in sorted(set(stage_of_unit))]
+  stage_starts = [sum(stage_sizes[:s]) for s in range(len(stage_sizes))]
+  if num_blocks <= len(stage_sizes):
+    return _best_stage_boundaries(stage_sizes, stage_starts, num_blocks)
+  blocks_per_stage = [1] * len(stage_sizes)
+  for _ in range(num_blocks - len(stage_sizes)):
+    stage = max(range(len(stage_sizes)),
+                key=lambda s: (stage_sizes[s] / blocks_per_stage[s], -s))
+    blocks_per_stage[stage] += 1
+  points = []
+  for s, (start, size) in enumerate(zip(stage_starts, stage_sizes)):
+    if s > 0:
+      points.append(start)
+    points.extend(_split_evenly(start, size, blocks_per_stage[s]))
+  return tuple(points)
+
+
+def _best_stage_boundaries(stage_sizes, stage_starts, num_blocks) -> tuple:
+  """Groups S stages into K contiguous groups minimising the largest group (a tiny DP)."""
+  num_stages = len(stage_sizes)
+  # best[k][s]: (largest group, cuts) for the first s stages in k groups.
+  best = {(0, 0): (0, ())}
+  for k in range(1, num_blocks + 1):
+    for s in range(k, num_stages + 1):
+      options = []
+      for prev in range(k - 1, s):
+        if (k - 1, prev) in best:
+          largest, cuts = best[(k - 1, prev)]
+          group = sum(stage_sizes[prev:s])
+          options.append((max(largest, group), cuts + ((stage_starts[prev],) if prev else ())))
+      best[(k, s)] = min(options)
+  return best[(num_blocks, num_stages)][1]
+
+
+def validate_split_points(split_points: Sequence[int], num_units: int) -> tuple:
+  points = tuple(int(p) for p in split_points)
+  if any(not 0 < p < num_units for p in points) or list(points) != sorted(set(points)):
+    raise UsageError(f'split points {list(points)} must be strictly increasing unit '
+                     f'indices between 1 and {num_units - 1}')
+  return points
+
+
+def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
+                split_points: Optional[Sequence[int]] = None, mode: str = 'bwbpf',
+                aux_head: str = 'linear', width: float = 1.0, stem: str = 'cifar',
+                dtype: Any = jnp.float32) -> PartitionedModel:
+  """Builds `arch` cut into blocks for training `mode`.
+
+  Args:
+    arch: one of `models.ARCHITECTURES`.
+    num_classes: classes of every head.
+    num_blocks: K; ignored when `split_points` is given. K=1 is plain backprop.
+    split_points: unit indices where blocks 1..K-1 start, overriding the default.
+    mode: one of `MODES`.
+    aux_head: head of blocks 0..K-2 ('linear' or 'mlp'); block K-1's head is
+      always the standard linear classifier.
+    width: channel multiplier (0.25 for quick CPU runs).
+    stem: 'cifar' (3x3, stride 1) or 'imagenet' (7x7 stride 2 + max-pool), ResNets only.
+    dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16 on accelerators.
+  """
+  if mode not in MODES:
+    raise UsageError(f'unknown mode {mode!r}; choose one of {", ".join(MODES)}')
+  stem_module, units, stage_of_unit = models.architecture_units(
+      arch, width=width, stem=stem, dtype=dtype)
+  if split_points is None:
+    split_points = default_split_points(stage_of_unit, num_blocks)
+  split_points = validate_split_points(split_points, len(units))
+  bounds = (0,) + split_points + (len(units),)
+  num_blocks = len(bounds) - 1
+  blocks = []
+  for k in range(num_blocks):
+    is_output = k == num_blocks - 1
+    blocks.append(Block(
+        units=units[bounds[k]:bounds[k + 1]],
+        head=models.make_head('linear' if is_output else aux_head, num_classes, dtype),
+        stem=stem_module if k == 0 else None,
+        detach_input=(mode == 'bwbpf'),
+        detach_head_input=(mode == 'bp' and not is_output)))
+  return PartitionedModel(arch=arch, blocks=tuple(blocks), split_points=split_points,
+                          mode=mode, num_classes=num_classes)
+
+
+def block_unit_counts(model: PartitionedModel) -> tuple:
+  """Units per block, e.g. (3, 4, 6, 3) for ResNet-50 with K=4."""
+  return tuple(len(block.units) for block in model.blocks)

@@ -1,0 +1,87 @@
+"""Architectures: output shapes and parameter counts of the standard networks."""
+
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import optax
+
+import bwbpf_jax as bw
+from bwbpf_jax.errors import UsageError
+
+
+def _shapes_and_count(arch, stem, image_size, num_classes, width=1.0, num_blocks=4):
+  """Block output shapes and backbone parameter count, from shapes only (no compile)."""
+  model = bw.build_model(arch, num_classes=num_classes, num_blocks=num_blocks, stem=stem,
+                         width=width)
+  tx = optax.sgd(0.1)
+  states = bw.abstract_block_states(model, tx, (image_size, image_size, 3))
+  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+  shapes = []
+  for block, state in zip(model.blocks, states):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    x, logits = jax.eval_shape(lambda v, x, b=block: b.apply(v, x, train=False), variables, x)
+    shapes.append((x.shape, logits.shape))
+  return shapes, bw.backbone_param_count(model, states)
+
+
+class ParameterCountTest(parameterized.TestCase):
+  """Counts of the standard architectures (torchvision / the common CIFAR variants)."""
+
+  @parameterized.parameters(
+      # CIFAR variants: 3x3 stem, one linear classifier on 512 (or 2048) features.
+      ('vgg11', 'cifar', 10, 9_231_114),
+      ('vgg13', 'cifar', 10, 9_416_010),
+      ('vgg16', 'cifar', 10, 14_728_266),
+      ('vgg19', 'cifar', 10, 20_040_522),
+      ('resnet18', 'cifar', 10, 11_173_962),
+      ('resnet34', 'cifar', 10, 21_282_122),
+      ('resnet50', 'cifar', 10, 23_520_842),
+      ('resnet101', 'cifar', 10, 42_512_970),
+      ('resnet152', 'cifar', 10, 58_156_618),
+      # torchvision's ImageNet ResNets, 1000 classes.
+      ('resnet18', 'imagenet', 1000, 11_689_512),
+      ('resnet50', 'imagenet', 1000, 25_557_032),
+      ('resnet101', 'imagenet', 1000, 44_549_160),
+      ('resnet152', 'imagenet', 1000, 60_192_808),
+  )
+  def test_backbone_count(self, arch, stem, num_classes, expected):
+    _, count = _shapes_and_count(arch, stem, 32, num_classes)
+    self.assertEqual(count, expected)
+
+
+class ShapeTest(parameterized.TestCase):
+
+  @parameterized.product(
+      arch=bw.ARCHITECTURES,
+      stem_and_size=(('cifar', 32), ('imagenet', 64)),
+  )
+  def test_every_block_reports_logits_and_resolution_halves(self, arch, stem_and_size):
+    stem, size = stem_and_size
+    shapes, _ = _shapes_and_count(arch, stem, size, 200, width=0.25)
+    for features, logits in shapes:
+      self.assertEqual(logits, (2, 200))
+      self.assertLen(features, 4)
+    # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5).
+    final_hw = shapes[-1][0][1]
+    expected = {('cifar', 32): {True: 1, False: 4}, ('imagenet', 64): {True: 2, False: 2}}
+    self.assertEqual(final_hw, expected[stem_and_size][arch.startswith('vgg')])
+
+  def test_width_multiplier_scales_channels(self):
+    shapes, count = _shapes_and_count('resnet18', 'cifar', 32, 10, width=0.25)
+    self.assertEqual(shapes[-1][0][-1], 128)  # 512 * 0.25
+    self.assertLess(count, 11_173_962 / 10)
+
+  def test_unknown_names_are_usage_errors(self):
+    with self.assertRaisesRegex(UsageError, 'unknown architecture'):
+      bw.build_model('alexnet', num_classes=10)
+    with self.assertRaisesRegex(UsageError, 'unknown auxiliary head'):
+      bw.build_model('vgg11', num_classes=10, aux_head='transformer')
+    with self.assertRaisesRegex(UsageError, 'unknown mode'):
+      bw.build_model('vgg11', num_classes=10, mode='forward_forward')
+    with self.assertRaisesRegex(UsageError, 'unknown stem'):
+      bw.build_model('resnet18', num_classes=10, stem='patchify')
+
+
+if __name__ == '__main__':
+  from absl.testing import absltest
+  absltest.main()

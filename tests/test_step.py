@@ -1,0 +1,207 @@
+"""The training step: gradient isolation per mode, equivalences, tracing and learning."""
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bwbpf_jax as bw
+from bwbpf_jax import step as step_lib
+from bwbpf_jax.errors import UsageError
+
+IMAGE = (16, 16, 3)
+
+
+def _batch(size=8, seed=0, num_classes=10):
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.normal(size=(size,) + IMAGE), jnp.float32),
+          'label': jnp.asarray(rng.integers(0, num_classes, size), jnp.int32)}
+
+
+def _setup(arch, num_blocks, mode, width=0.125, aux_head='linear', seed=0):
+  model = bw.build_model(arch, num_classes=10, num_blocks=num_blocks, mode=mode, width=width,
+                         aux_head=aux_head)
+  tx = bw.make_optimizer('sgd', learning_rate=0.05, total_steps=100)
+  states = bw.init_block_states(model, tx, jax.random.key(seed), IMAGE)
+  return model, tx, states
+
+
+def _per_loss_grads(model, states, batch):
+  """grads[k][j]: gradient of block k's head loss w.r.t. block j's parameters."""
+  params = tuple(s.params for s in states)
+  stats = tuple(s.batch_stats for s in states)
+
+  @jax.jit
+  def jacobian(params):
+    losses_fn = lambda p: step_lib.network_loss(model, p, stats, batch['image'],
+                                                batch['label'])[1][0]
+    return jax.jacrev(losses_fn)(params)
+
+  per_block = jacobian(params)  # Each leaf has a leading [K] axis: one row per loss.
+  return [[jax.tree_util.tree_map(lambda g, k=k: g[k], per_block[j])
+           for j in range(model.num_blocks)] for k in range(model.num_blocks)]
+
+
+def _is_zero(tree):
+  return all(bool(jnp.all(leaf == 0)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+class GradientIsolationTest(parameterized.TestCase):
+
+  @parameterized.parameters(('vgg11', 2), ('vgg11', 4), ('resnet18', 3), ('resnet18', 8),
+                            ('resnet50', 4))
+  def test_bwbpf_local_loss_reaches_only_its_own_block(self, arch, num_blocks):
+    model, _, states = _setup(arch, num_blocks, 'bwbpf')
+    grads = _per_loss_grads(model, states, _batch())
+    for k in range(num_blocks):
+      for j in range(num_blocks):
+        if j == k:
+          self.assertFalse(_is_zero(grads[k][j]), f'block {k} gets no gradient from its loss')
+        else:
+          chex.assert_trees_all_equal(grads[k][j],
+                                      jax.tree_util.tree_map(jnp.zeros_like, grads[k][j]))
+
+  @parameterized.parameters(('vgg11', 4), ('resnet18', 3))
+  def test_deep_supervision_sends_later_losses_into_earlier_blocks(self, arch, num_blocks):
+    model, _, states = _setup(arch, num_blocks, 'deep_supervision')
+    grads = _per_loss_grads(model, states, _batch())
+    for k in range(num_blocks):
+      for j in range(num_blocks):
+        self.assertEqual(_is_zero(grads[k][j]), j > k, f'loss {k}, block {j}')
+
+  def test_mlp_heads_are_isolated_too(self):
+    model, _, states = _setup('resnet18', 4, 'bwbpf', aux_head='mlp')
+    grads = _per_loss_grads(model, states, _batch())
+    self.assertTrue(_is_zero(grads[2][1]) and _is_zero(grads[3][0]))
+    self.assertFalse(_is_zero(grads[1][1]))
+
+  @parameterized.parameters(('vgg11', 4), ('resnet18', 3))
+  def test_bp_backbone_gradient_is_plain_backprop(self, arch, num_blocks):
+    """bp mode's backbone gradient equals jax.grad of the unpartitioned network's loss."""
+    model, _, states = _setup(arch, num_blocks, 'bp')
+    whole = bw.build_model(arch, num_classes=10, num_blocks=1, mode='bp', width=0.125)
+    whole_params = _merge_blocks(model, [s.params for s in states])
+    whole_stats = _merge_blocks(model, [s.batch_stats for s in states])
+    batch = _batch()
+
+    grads = jax.jit(jax.grad(lambda p: step_lib.network_loss(
+        model, p, tuple(s.batch_stats for s in states), batch['image'], batch['label'])[0]))(
+            tuple(s.params for s in states))
+    expected = jax.jit(jax.grad(lambda p: step_lib.local_loss(
+        whole.blocks[0], p, whole_stats, batch['image'], batch['label'])[0]))(whole_params)
+    chex.assert_trees_all_close(_merge_blocks(model, grads), expected, rtol=1e-5, atol=1e-6)
+    # The auxiliary probes still learn, from their own losses only.
+    self.assertFalse(_is_zero(grads[0]['head']))
+
+
+def _merge_blocks(model, trees):
+  """Renames per-block trees to the single-block layout ('units_i' numbered globally)."""
+  merged, offset = {}, 0
+  for k, (block, tree) in enumerate(zip(model.blocks, trees)):
+    for name, value in tree.items():
+      if name.startswith('units_'):
+        merged[f'units_{offset + int(name.split("_")[1])}'] = value
+      elif name == 'stem':
+        merged['stem'] = value
+      elif name == 'head' and k == model.num_blocks - 1:
+        merged['head'] = value
+    offset += len(block.units)
+  return merged
+
+
+class TrainStepTest(parameterized.TestCase):
+
+  def test_traces_once_over_several_calls(self):
+    model, tx, states = _setup('resnet18', 4, 'bwbpf')
+    def train_step(states, batch):
+      return bw.train_step(model, tx, states, batch)
+    jitted = jax.jit(chex.assert_max_traces(train_step, n=1))
+    for seed in range(3):
+      states, metrics = jitted(states, _batch(seed=seed))
+    chex.assert_shape([metrics['loss'], metrics['accuracy'], metrics['skipped']], (4,))
+
+  @parameterized.parameters(*bw.MODES)
+  def test_a_few_steps_on_one_batch_lower_every_local_loss(self, mode):
+    model, tx, states = _setup('vgg11', 4, mode, width=0.25)
+    train_step = bw.make_train_step(model, tx)
+    batch = _batch(size=16)
+    states, first = train_step(states, batch)
+    for _ in range(15):
+      states, metrics = train_step(states, batch)
+    self.assertTrue(np.all(np.asarray(metrics['loss']) < np.asarray(first['loss'])),
+                    f'{first["loss"]} -> {metrics["loss"]}')
+
+  def test_blockwise_step_equals_fused_step(self):
+    model, tx, states = _setup('resnet18', 4, 'bwbpf')
+    copy = jax.tree_util.tree_map(jnp.copy, states)
+    fused = bw.make_train_step(model, tx)
+    blockwise = bw.make_blockwise_train_step(model, tx)
+    for seed in range(2):
+      states, fused_metrics = fused(states, _batch(seed=seed))
+      copy, blockwise_metrics = blockwise(copy, _batch(seed=seed))
+    chex.assert_trees_all_close(states, copy, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=1e-6)
+
+  def test_blockwise_step_refuses_modes_with_cross_block_gradients(self):
+    model, tx, _ = _setup('vgg11', 2, 'deep_supervision')
+    with self.assertRaisesRegex(UsageError, 'isolated blocks'):
+      bw.make_blockwise_train_step(model, tx)
+
+  def test_skip_nonfinite_leaves_only_the_bad_block_unchanged(self):
+    model, tx, states = _setup('vgg11', 3, 'bwbpf')
+    batch = _batch()
+    # A NaN in block 1's head only: blocks 0 and 2 must still update.
+    bad = list(states)
+    bad[1] = bad[1].replace(params={**bad[1].params, 'head': jax.tree_util.tree_map(
+        lambda x: x * jnp.nan, bad[1].params['head'])})
+    new_states, metrics = bw.make_train_step(model, tx, skip_nonfinite=True,
+                                             donate=False)(tuple(bad), batch)
+    np.testing.assert_array_equal(metrics['skipped'], [0, 1, 0])
+    chex.assert_trees_all_equal(new_states[1].params['units_0'], bad[1].params['units_0'])
+    self.assertFalse(np.allclose(new_states[0].params['units_0']['Conv_0']['kernel'],
+                                 bad[0].params['units_0']['Conv_0']['kernel']))
+
+
+class EvalStepTest(parameterized.TestCase):
+
+  def test_masked_examples_do_not_count(self):
+    model, _, states = _setup('vgg11', 2, 'bwbpf')
+    batch = _batch(size=8)
+    full = bw.make_eval_step(model)(states, batch)
+    masked = bw.make_eval_step(model)(states, {**batch, 'mask': jnp.array([1.] * 5 + [0.] * 3)})
+    self.assertEqual(float(full['count']), 8)
+    self.assertEqual(float(masked['count']), 5)
+    five = jax.tree_util.tree_map(lambda x: x[:5], batch)
+    chex.assert_trees_all_close(masked, bw.make_eval_step(model)(states, five), rtol=1e-5)
+    chex.assert_shape([full['correct'], full['loss']], (2,))
+
+
+class OptimizerTest(parameterized.TestCase):
+
+  def test_sgd_matches_pytorch_coupled_weight_decay(self):
+    """One step of PyTorch's SGD(lr, momentum, weight_decay): p -= lr * (g + wd * p)."""
+    tx = bw.make_optimizer('sgd', learning_rate=0.1, total_steps=10, weight_decay=0.5)
+    params = {'w': jnp.array([2.0])}
+    updates, _ = tx.update({'w': jnp.array([1.0])}, tx.init(params), params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)['w'], [2.0 - 0.1 * 2.0])
+
+  def test_cosine_schedule_reaches_zero(self):
+    tx = bw.make_optimizer('sgd', learning_rate=0.1, total_steps=4, weight_decay=0.0,
+                           momentum=0.0)
+    params, state, lrs = {'w': jnp.array([0.0])}, None, []
+    state = tx.init(params)
+    for _ in range(5):
+      updates, state = tx.update({'w': jnp.array([1.0])}, state, params)
+      lrs.append(-float(updates['w'][0]))
+    np.testing.assert_allclose(lrs, [0.1, 0.085355, 0.05, 0.014645, 0.0], atol=1e-6)
+
+  def test_unknown_optimizer(self):
+    with self.assertRaisesRegex(UsageError, 'unknown optimizer'):
+      bw.make_optimizer('lion', total_steps=10)
+
+
+if __name__ == '__main__':
+  from absl.testing import absltest
+  absltest.main()
