@@ -1,0 +1,133 @@
+"""Run configuration: one frozen object, filled from presets, dataset defaults and flags.
+
+Precedence, strongest first: a flag given on the command line, the named
+`--preset`, the defaults of the chosen dataset, the global defaults below.
+"""
+
+import dataclasses
+import json
+from typing import Optional
+
+from bwbpf_jax.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that decides what a run computes (and so what a workdir holds)."""
+  dataset: str = 'digits'
+  arch: str = 'vgg19'
+  num_blocks: int = 4
+  split_points: Optional[tuple] = None
+  mode: str = 'bwbpf'
+  aux_head: str = 'linear'
+  width: float = 1.0
+  stem: Optional[str] = None  # None: 'imagenet' for images of 64 pixels and more, else 'cifar'.
+  dtype: str = 'float32'
+  image_size: Optional[int] = None
+  epochs: int = 200
+  max_steps: Optional[int] = None
+  batch_size: int = 128
+  optimizer: str = 'sgd'
+  lr: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  warmup_epochs: int = 0
+  augment: bool = True
+  seed: int = 0
+  eval_every: int = 1
+  train_step: str = 'auto'  # 'fused', 'blockwise' (bwbpf only), or 'auto'.
+  parallel: str = 'auto'  # 'none', 'data', 'blocks', or 'auto'.
+  microbatches: int = 4  # Pipeline depth for parallel='blocks'.
+  data_dir: Optional[str] = None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# The paper's recipe (SGD 0.1, momentum 0.9, weight decay 5e-4, cosine) is the
+# global default; datasets add what differs for them.
+DATASET_DEFAULTS = {
+    # Offline default: small enough to learn to >90% in about a minute on 2 CPU cores.
+    'digits': dict(arch='vgg11', width=0.25, num_blocks=4, epochs=12, batch_size=64, lr=0.05,
+                   warmup_epochs=1),
+    'cifar10': dict(epochs=200),
+    'cifar100': dict(epochs=200),
+    'imagefolder': dict(epochs=200),
+    'tiny_imagenet': dict(epochs=200, stem='imagenet'),
+}
+
+
+def _paper_presets() -> dict:
+  """The paper's experiments: one name each, e.g. `paper_cifar10_resnet101_k8`."""
+  presets = {}
+  for dataset in ('cifar10', 'tiny_imagenet'):
+    for arch in ('vgg19', 'resnet50', 'resnet101', 'resnet152'):
+      for num_blocks in (4, 8, 12, 16):
+        presets[f'paper_{dataset}_{arch}_k{num_blocks}'] = dict(
+            dataset=dataset, arch=arch, num_blocks=num_blocks, mode='bwbpf', aux_head='linear',
+            epochs=200, batch_size=128, optimizer='sgd', lr=0.1, momentum=0.9,
+            weight_decay=5e-4, width=1.0)
+  return presets
+
+
+PRESETS = {
+    **_paper_presets(),
+    # The equal-budget CPU comparison of docs/results.md (on the CIFAR-10 JPEG copy).
+    'cpu_cifar10_vgg11': dict(dataset='imagefolder', arch='vgg11', width=0.25, epochs=4,
+                              batch_size=128, lr=0.05, warmup_epochs=1),
+    'cpu_cifar10_resnet18': dict(dataset='imagefolder', arch='resnet18', width=0.25, epochs=4,
+                                 batch_size=128, lr=0.05, warmup_epochs=1),
+}
+
+_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
+
+
+def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
+  """Builds the run's Config from explicit overrides (given flags) and a preset name."""
+  if preset is not None and preset not in PRESETS:
+    raise UsageError(f'unknown preset {preset!r}; see --helpfull or experiments/config.py '
+                     f'(e.g. {", ".join(list(PRESETS)[:2])}, ...)')
+  unknown = set(overrides) - set(_FIELDS)
+  if unknown:
+    raise UsageError(f'unknown config fields: {", ".join(sorted(unknown))}')
+  preset_values = PRESETS.get(preset, {})
+  dataset = overrides.get('dataset', preset_values.get('dataset', Config.dataset))
+  values = {**DATASET_DEFAULTS.get(dataset, {}), **preset_values, **overrides}
+  if values.get('split_points') is not None:
+    values['split_points'] = tuple(values['split_points'])
+  config = Config(**values)
+  _validate(config)
+  return config
+
+
+def _validate(config: Config):
+  positive = ('num_blocks', 'epochs', 'batch_size', 'eval_every', 'microbatches')
+  for name in positive:
+    if getattr(config, name) < 1:
+      raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
+  if config.max_steps is not None and config.max_steps < 1:
+    raise UsageError(f'--max_steps must be at least 1, got {config.max_steps}')
+  if not config.width > 0:
+    raise UsageError(f'--width must be positive, got {config.width}')
+  if not config.lr > 0:
+    raise UsageError(f'--lr must be positive, got {config.lr}')
+  choices = {'train_step': ('auto', 'fused', 'blockwise'),
+             'parallel': ('auto', 'none', 'data', 'blocks'),
+             'dtype': ('float32', 'bfloat16')}
+  for name, allowed in choices.items():
+    if getattr(config, name) not in allowed:
+      raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
+                       f'got {getattr(config, name)!r}')
+  if config.train_step == 'blockwise' and config.mode != 'bwbpf':
+    raise UsageError('--train_step=blockwise needs --mode=bwbpf: in other modes gradients '
+                     'cross block boundaries')
+
+
+def config_from_json(text: str) -> Config:
+  values = json.loads(text)
+  if values.get('split_points') is not None:
+    values['split_points'] = tuple(values['split_points'])
+  return Config(**{k: v for k, v in values.items() if k in _FIELDS})

@@ -1,0 +1,99 @@
+r"""Trains a network block-wise (BWBPF), with deep supervision, or with backprop.
+
+    python -m experiments.main                                  # offline: digits, ~1 min on CPU
+    python -m experiments.main --arch=vgg16 --dataset=cifar10   # the paper's recipe
+    python -m experiments.main --preset=paper_cifar10_resnet101_k8 --data_dir=...
+
+Flags left unset take the preset's value, then the dataset's default (see
+experiments/config.py). A mistake in the flags or the data ends with one line
+on stderr and exit code 2.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+import bwbpf_jax
+from bwbpf_jax.data import DATASET_NAMES
+from experiments import config as config_lib
+
+FLAGS = flags.FLAGS
+_UNSET = None
+flags.DEFINE_string('preset', None, f'Named configuration, e.g. paper_cifar10_vgg19_k4 '
+                    f'({len(config_lib.PRESETS)} in experiments/config.py).')
+flags.DEFINE_enum('dataset', _UNSET, DATASET_NAMES, 'Dataset (default: digits, offline).')
+flags.DEFINE_enum('arch', _UNSET, bwbpf_jax.ARCHITECTURES, 'Architecture.')
+flags.DEFINE_integer('num_blocks', _UNSET, 'K, blocks the network is cut into (1 = backprop).')
+flags.DEFINE_list('split_points', _UNSET, 'Unit indices where blocks 2..K start '
+                  '(overrides --num_blocks).')
+flags.DEFINE_enum('mode', _UNSET, bwbpf_jax.MODES, 'bwbpf: isolated blocks; deep_supervision: '
+                  'the reference code (gradients cross blocks); bp: end-to-end backprop.')
+flags.DEFINE_enum('aux_head', _UNSET, bwbpf_jax.HEADS, 'Auxiliary head of blocks 1..K-1.')
+flags.DEFINE_float('width', _UNSET, 'Channel multiplier (0.25 for CPU runs).')
+flags.DEFINE_enum('stem', _UNSET, ('cifar', 'imagenet'), 'ResNet stem (default: by image size).')
+flags.DEFINE_enum('dtype', _UNSET, ('float32', 'bfloat16'), 'Computation dtype.')
+flags.DEFINE_integer('image_size', _UNSET, 'Resize images to this side.')
+flags.DEFINE_integer('epochs', _UNSET, 'Epochs; the cosine schedule spans them.')
+flags.DEFINE_integer('max_steps', _UNSET, 'Stop after this many steps (quick runs).')
+flags.DEFINE_integer('batch_size', _UNSET, 'Global batch size.')
+flags.DEFINE_enum('optimizer', _UNSET, bwbpf_jax.OPTIMIZERS, 'Per-block optimizer.')
+flags.DEFINE_float('lr', _UNSET, 'Peak learning rate.')
+flags.DEFINE_float('momentum', _UNSET, 'SGD momentum.')
+flags.DEFINE_float('weight_decay', _UNSET, 'Weight decay.')
+flags.DEFINE_integer('warmup_epochs', _UNSET, 'Linear warm-up epochs before the cosine decay.')
+flags.DEFINE_bool('augment', _UNSET, 'Random crop and flip for training.')
+flags.DEFINE_integer('seed', _UNSET, 'Seed of initialisation, shuffling and augmentation.')
+flags.DEFINE_integer('eval_every', _UNSET, 'Evaluate every N epochs (and at the end).')
+flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
+                  'fused: one jitted step; blockwise: one jitted call per block (bwbpf; less '
+                  'memory); auto: blockwise for bwbpf.')
+flags.DEFINE_string('data_dir', _UNSET, 'Dataset folder (tfds data_dir or image folder).')
+flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<dataset>_<arch>_<mode>).')
+
+# Flags that are not run configuration.
+_NOT_CONFIG = ('preset', 'workdir')
+
+
+def _given_flags() -> dict:
+  """The configuration flags set on the command line, as Config fields."""
+  names = [field for field in config_lib._FIELDS if field in FLAGS]  # pylint: disable=protected-access
+  values = {name: FLAGS[name].value for name in names
+            if FLAGS[name].present and name not in _NOT_CONFIG}
+  if 'split_points' in values:
+    try:
+      values['split_points'] = tuple(int(p) for p in values['split_points'])
+    except ValueError as e:
+      raise bwbpf_jax.UsageError(f'--split_points must be integers: {e}') from None
+  return values
+
+
+def _parse_flags(argv):
+  """absl's parser, but a bad flag is one line and exit code 2 instead of a usage dump."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)',
+          file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
+  from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
+    config = config_lib.make_config(_given_flags(), FLAGS.preset)
+    workdir = FLAGS.workdir or os.path.join('runs', f'{config.dataset}_{config.arch}_{config.mode}')
+    train.train_and_evaluate(config, workdir)
+  except bwbpf_jax.UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)
