@@ -12,3 +12,8 @@ os.environ['XLA_FLAGS'] = ' '.join(
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+# absltest's create_tempdir reads absl flags; under pytest nobody parses them.
+flags.FLAGS.mark_as_parsed()
