@@ -6,9 +6,7 @@ the partitioned model, trains every block for `config.epochs` (or
 events, a plot and results.json in `workdir`.
 """
 
-import dataclasses
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,29 +15,8 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import data
 from experiments import writers
+from experiments.engine import Engine, make_engine
 from experiments.config import Config
-
-
-@dataclasses.dataclass(frozen=True)
-class Engine:
-  """How states and batches are placed and which jitted steps run on them."""
-  name: str
-  num_devices: int
-  put_states: Callable
-  put_batch: Callable
-  train_step: Callable
-  eval_step: Callable
-
-
-def make_engine(config: Config, model, tx) -> Engine:
-  """Single-device training: the fused step, or the block-wise one for bwbpf."""
-  use_blockwise = config.train_step == 'blockwise' or (
-      config.train_step == 'auto' and config.mode == 'bwbpf' and model.num_blocks > 1)
-  train_step = (bw.make_blockwise_train_step(model, tx) if use_blockwise
-                else bw.make_train_step(model, tx))
-  return Engine(name='none', num_devices=1, put_states=jax.device_put,
-                put_batch=jax.device_put, train_step=train_step,
-                eval_step=bw.make_eval_step(model))
 
 
 def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict:
