@@ -1,0 +1,148 @@
+r"""Speed and memory of the train step, one fresh process per mode.
+
+    python -m experiments.bench --arch=resnet50 --batch_size=128 --num_blocks=4 \
+        --modes=bp,deep_supervision,bwbpf --steps=5
+
+prints one JSON line per mode: images_per_sec (median over --steps timed steps
+after compilation), peak_rss_bytes (the worker process's peak resident memory,
+runtime included) and step_memory_bytes (XLA's own account of what the step
+needs: arguments + outputs + temporaries - donated buffers; for the block-wise
+step, every block's state plus the largest single block call's other buffers).
+`--compare_torch` adds the PyTorch peer of each mode (see experiments/torch_peer.py).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('arch', 'resnet50', 'Architecture.')
+flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
+flags.DEFINE_integer('batch_size', 128, 'Batch size.')
+flags.DEFINE_integer('image_size', 32, 'Image side.')
+flags.DEFINE_integer('num_classes', 10, 'Classes.')
+flags.DEFINE_integer('num_blocks', 4, 'K.')
+flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure.')
+flags.DEFINE_enum('train_step', 'auto', ('auto', 'fused', 'blockwise'),
+                  'bwbpf step variant; auto: blockwise for bwbpf (as experiments.main).')
+flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'), 'Computation dtype.')
+flags.DEFINE_integer('steps', 5, 'Timed steps after one compile step.')
+flags.DEFINE_bool('compare_torch', False, 'Also measure the PyTorch peer of each mode.')
+flags.DEFINE_string('worker', None, 'Internal: measure this one mode in this process.')
+flags.DEFINE_enum('framework', 'jax', ('jax', 'torch'), 'Internal: worker framework.')
+
+
+def _memory_bytes(compiled) -> int:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return -1
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _tree_bytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def measure_jax(mode: str) -> dict:
+  """Times the train step of `mode` in this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
+                         mode=mode, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype))
+  tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
+  shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
+  states = bw.init_block_states(model, tx, jax.random.key(0), shape)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=shape), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, FLAGS.num_classes, FLAGS.batch_size), jnp.int32)}
+  blockwise = mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
+  if blockwise:
+    step = bw.make_blockwise_train_step(model, tx)
+    memory, x = 0, batch['image']
+    for block, state in zip(model.blocks, states):
+      compiled = jax.jit(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
+                         donate_argnums=(0,)).lower(state, x, batch['label']).compile()
+      memory = max(memory, _memory_bytes(compiled) - _tree_bytes(state))
+      x = jax.eval_shape(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
+                         state, x, batch['label'])[1]
+    memory += _tree_bytes(states)
+  else:
+    step = bw.make_train_step(model, tx)
+    memory = _memory_bytes(step.lower(states, batch).compile())
+  states, metrics = step(states, batch)  # Compiles.
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    states, metrics = step(states, batch)
+    jax.block_until_ready((states, metrics))
+    times.append(time.perf_counter() - start)
+  return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused',
+          'images_per_sec': FLAGS.batch_size / statistics.median(times),
+          'step_memory_bytes': memory, 'platform': jax.default_backend(),
+          'device': jax.devices()[0].device_kind}
+
+
+def _worker(mode: str):
+  if FLAGS.framework == 'torch':
+    from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+    result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
+                                batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+                                num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
+                                steps=FLAGS.steps)
+  else:
+    result = measure_jax(mode)
+  result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
+                image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
+                steps=FLAGS.steps,
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  print(json.dumps(result), flush=True)
+
+
+def _run_worker(mode: str, framework: str) -> int:
+  argv = [sys.executable, '-m', 'experiments.bench', f'--worker={mode}',
+          f'--framework={framework}'] + [
+              f'--{name}={",".join(value) if isinstance(value, list) else value}'
+              for name, value in FLAGS.flag_values_dict().items()
+              if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
+                          'num_blocks', 'train_step', 'dtype', 'steps')]
+  proc = subprocess.run(argv, capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode or not lines:
+    print(f'error: {framework} {mode} worker failed: '
+          f'{(proc.stderr.strip().splitlines() or ["no output"])[-1]}', file=sys.stderr)
+    return 1
+  print(lines[-1], flush=True)
+  return 0
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    _worker(FLAGS.worker)
+    return
+  failures = 0
+  for mode in FLAGS.modes:
+    failures += _run_worker(mode, 'jax')
+    if FLAGS.compare_torch:
+      failures += _run_worker(mode, 'torch')
+  sys.exit(1 if failures else 0)
+
+
+if __name__ == '__main__':
+  app.run(main)
