@@ -19,6 +19,11 @@ import subprocess
 import sys
 import time
 
+from experiments import xla_defaults
+
+xla_defaults.apply()  # Before JAX starts.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 

@@ -12,6 +12,11 @@ on stderr and exit code 2.
 import os
 import sys
 
+from experiments import xla_defaults
+
+xla_defaults.apply()  # Before JAX starts.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

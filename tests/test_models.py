@@ -85,3 +85,38 @@ class ShapeTest(parameterized.TestCase):
 if __name__ == '__main__':
   from absl.testing import absltest
   absltest.main()
+
+
+class SmallMapConvolutionTest(parameterized.TestCase):
+  """The CPU im2col path for maps smaller than the kernel matches lax.conv exactly enough."""
+
+  @parameterized.parameters((1, 1), (2, 2), (2, 1))
+  def test_values_and_gradients_match_lax(self, height, width):
+    from jax import lax  # pylint: disable=g-import-not-at-top
+    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+    key_x, key_w = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key_x, (3, height, width, 5))
+    w = jax.random.normal(key_w, (3, 3, 5, 7))
+    padding = ((1, 1), (1, 1))
+    numbers = lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+    ours = lambda x, w: jnp.sum(jnp.sin(layers.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=numbers)))
+    reference = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=numbers)))
+    import chex  # pylint: disable=g-import-not-at-top
+    chex.assert_trees_all_close(jax.jit(jax.value_and_grad(ours, (0, 1)))(x, w),
+                                jax.jit(jax.value_and_grad(reference, (0, 1)))(x, w),
+                                rtol=1e-5, atol=1e-5)
+
+  def test_accelerators_keep_the_plain_convolution(self):
+    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+    conv = layers.conv(8, 3, use_bias=False, dtype=jnp.float32)
+    x = jnp.zeros((2, 2, 2, 4))
+    variables = conv.init(jax.random.key(0), x)
+    lowered = {platform: jax.jit(conv.apply).trace(variables, x).lower(
+        lowering_platforms=(platform,)).as_text() for platform in ('cpu', 'cuda', 'tpu')}
+    self.assertNotIn('convolution', lowered['cpu'])
+    self.assertIn('dot_general', lowered['cpu'])
+    for platform in ('cuda', 'tpu'):
+      self.assertIn('convolution', lowered[platform])
+      self.assertNotIn('dot_general', lowered[platform])

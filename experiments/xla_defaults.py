@@ -1,0 +1,19 @@
+"""XLA settings for the command-line programs, applied before JAX starts.
+
+XLA's CPU convolutions default to YNNPACK, which computes weight gradients
+several times slower than XLA's Eigen convolutions on x86 (33-37 against
+97-139 GFLOP/s measured for VGG layers); this routes them to Eigen. The flag
+is read by the CPU backend only, so GPU and TPU runs are unaffected. A flag
+the installed jaxlib does not know aborts XLA: re-check it when upgrading jax.
+"""
+
+import os
+
+CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+
+
+def apply():
+  """Adds the CPU convolution flag to XLA_FLAGS unless the user set that option."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_cpu_experimental_ynn_fusion_type' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {CPU_CONV_FLAG}'.strip()
