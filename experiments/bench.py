@@ -8,7 +8,10 @@ after compilation), peak_rss_bytes (the worker process's peak resident memory,
 runtime included) and step_memory_bytes (XLA's own account of what the step
 needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
-`--compare_torch` adds the PyTorch peer of each mode (see experiments/torch_peer.py).
+cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
+images_per_sec on a shared CPU; load_avg_1m says how shared it was.
+`--compare_torch` adds the PyTorch peer of each mode (experiments/torch_peer.py;
+needs `pip install torch==2.13.0`).
 """
 
 import json
@@ -57,6 +60,11 @@ def _tree_bytes(tree) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
 
 
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def measure_jax(mode: str) -> dict:
   """Times the train step of `mode` in this process."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -91,6 +99,7 @@ def measure_jax(mode: str) -> dict:
   states, metrics = step(states, batch)  # Compiles.
   jax.block_until_ready(metrics)
   times = []
+  cpu_start = _cpu_seconds()
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
     states, metrics = step(states, batch)
@@ -98,6 +107,7 @@ def measure_jax(mode: str) -> dict:
     times.append(time.perf_counter() - start)
   return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused',
           'images_per_sec': FLAGS.batch_size / statistics.median(times),
+          'cpu_seconds_per_step': (_cpu_seconds() - cpu_start) / FLAGS.steps,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
           'device': jax.devices()[0].device_kind}
 
@@ -113,7 +123,7 @@ def _worker(mode: str):
     result = measure_jax(mode)
   result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
                 image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
-                steps=FLAGS.steps,
+                steps=FLAGS.steps, load_avg_1m=os.getloadavg()[0],
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   print(json.dumps(result), flush=True)
 

@@ -1,0 +1,91 @@
+"""The PyTorch peer (experiments/torch_peer.py) builds the same network as bwbpf_jax.
+
+Skipped where torch is not installed (it is a benchmark-only dependency).
+"""
+
+from absl.testing import parameterized
+import optax
+
+import bwbpf_jax as bw
+from bwbpf_jax import state as state_lib
+
+torch = __import__('pytest').importorskip('torch')
+from experiments import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _jax_block_param_counts(arch, width, num_blocks, num_classes=10):
+  model = bw.build_model(arch, num_classes=num_classes, num_blocks=num_blocks, width=width)
+  states = bw.abstract_block_states(model, optax.sgd(0.1), (32, 32, 3))
+  return model.split_points, [state_lib.count_params(s.params) for s in states]
+
+
+def _torch_block_param_counts(peer):
+  return [sum(p.numel() for p in block.parameters()) for block in peer.blocks]
+
+
+class StructureTest(parameterized.TestCase):
+
+  @parameterized.product(arch=('vgg11', 'resnet18', 'resnet50'), num_blocks=(1, 3, 4))
+  def test_same_split_points_and_parameters_per_block(self, arch, num_blocks):
+    split_points, counts = _jax_block_param_counts(arch, 0.25, num_blocks)
+    peer = torch_peer.Peer(arch, num_classes=10, num_blocks=num_blocks, width=0.25)
+    self.assertEqual(peer.split_points, split_points)
+    self.assertEqual(_torch_block_param_counts(peer), counts)
+
+  def test_same_output_shapes(self):
+    peer = torch_peer.Peer('vgg11', num_classes=7, num_blocks=4, width=0.25)
+    x = torch.zeros(2, 3, 32, 32)
+    for block in peer.blocks:
+      x, logits = block(x)
+      self.assertEqual(tuple(logits.shape), (2, 7))
+    self.assertEqual(tuple(x.shape), (2, 128, 1, 1))
+
+
+class DetachTest(parameterized.TestCase):
+
+  def _block0_grads_from_block1_loss(self, mode):
+    torch.manual_seed(0)
+    peer = torch_peer.Peer('vgg11', num_classes=10, num_blocks=3, mode=mode, width=0.25)
+    losses = peer.losses(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    losses[1].backward()
+    return [p.grad for p in peer.blocks[0].units.parameters()]
+
+  def test_bwbpf_later_loss_does_not_reach_earlier_block(self):
+    # Block 0's head never sees block 1's loss in any mode; its units do unless detached.
+    self.assertTrue(all(g is None for g in self._block0_grads_from_block1_loss('bwbpf')))
+
+  def test_deep_supervision_later_loss_reaches_earlier_block(self):
+    grads = self._block0_grads_from_block1_loss('deep_supervision')
+    self.assertTrue(all(g is not None for g in grads))
+    self.assertGreater(sum(float(g.abs().sum()) for g in grads), 0.0)
+
+  def test_bp_aux_heads_are_probes(self):
+    # An auxiliary head's loss trains its head only, not the backbone.
+    peer = torch_peer.Peer('vgg11', num_classes=10, num_blocks=3, mode='bp', width=0.25)
+    losses = peer.losses(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    losses[1].backward()
+    self.assertTrue(all(p.grad is None for p in peer.blocks[0].parameters()))
+    self.assertTrue(all(p.grad is None for p in peer.blocks[1].units.parameters()))
+    self.assertTrue(all(p.grad is not None for p in peer.blocks[1].head.parameters()))
+
+  def test_bwbpf_step_changes_every_block(self):
+    torch.manual_seed(0)
+    peer = torch_peer.Peer('resnet18', num_classes=10, num_blocks=2, width=0.25)
+    before = [[p.detach().clone() for p in b.parameters()] for b in peer.blocks]
+    torch_peer.train_step(peer, torch_peer.make_optimizers(peer),
+                          torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    for block, old in zip(peer.blocks, before):
+      self.assertTrue(any(not torch.equal(p, q) for p, q in zip(block.parameters(), old)))
+
+
+class MeasureTest(parameterized.TestCase):
+
+  @parameterized.parameters('bwbpf', 'deep_supervision', 'bp')
+  def test_returns_the_bench_fields(self, mode):
+    result = torch_peer.measure(mode, arch='vgg11', width=0.125, batch_size=4, image_size=32,
+                                num_classes=10, num_blocks=3, steps=1)
+    self.assertEqual(result['framework'], 'torch')
+    self.assertEqual(result['step'], 'blockwise' if mode == 'bwbpf' else 'fused')
+    self.assertGreater(result['images_per_sec'], 0)
+    self.assertIsInstance(result['step_memory_bytes'], int)
+    self.assertIn('device', result)
