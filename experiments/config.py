@@ -39,6 +39,9 @@ class Config:
   parallel: str = 'auto'  # 'none', 'data', 'blocks', or 'auto'.
   microbatches: int = 4  # Pipeline depth for parallel='blocks'.
   data_dir: Optional[str] = None
+  # Skip (and count) a block's update when its loss or gradient is not finite, instead of
+  # stopping the run. Changes nothing while every loss stays finite.
+  skip_nonfinite: bool = False
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -27,8 +27,9 @@ def make_engine(config: Config, model, tx) -> Engine:
   """Single-device training: the fused step, or the block-wise one for bwbpf."""
   use_blockwise = config.train_step == 'blockwise' or (
       config.train_step == 'auto' and config.mode == 'bwbpf' and model.num_blocks > 1)
-  train_step = (bw.make_blockwise_train_step(model, tx) if use_blockwise
-                else bw.make_train_step(model, tx))
+  skip = config.skip_nonfinite
+  train_step = (bw.make_blockwise_train_step(model, tx, skip_nonfinite=skip) if use_blockwise
+                else bw.make_train_step(model, tx, skip_nonfinite=skip))
   return Engine(name='none', num_devices=1, put_states=jax.device_put,
                 put_batch=jax.device_put, train_step=train_step,
                 eval_step=bw.make_eval_step(model))
