@@ -108,7 +108,8 @@ def restore(manager: ocp.CheckpointManager, step: int, target) -> tuple:
     stored_digest, stored_step, meta = record['state_sha256'], record['step'], record['meta']
   except Exception as e:  # pylint: disable=broad-except  (any failure means unreadable)
     reason = ' '.join(f'{type(e).__name__}: {e}'.split())
-    raise UsageError(f'checkpoint {path} is unreadable or corrupt ({reason[:300]})') from e
+    reason = reason if len(reason) <= 200 else reason[:200] + '...'
+    raise UsageError(f'checkpoint {path} is unreadable or corrupt ({reason})') from e
   if stored_step != step:
     raise UsageError(f'checkpoint {path} is corrupt: it says it is step {stored_step}')
   if jax.tree_util.tree_structure(host_states) != jax.tree_util.tree_structure(target):

@@ -5,8 +5,30 @@ r"""Trains a network block-wise (BWBPF), with deep supervision, or with backprop
     python -m experiments.main --preset=paper_cifar10_resnet101_k8 --data_dir=...
 
 Flags left unset take the preset's value, then the dataset's default (see
-experiments/config.py). A mistake in the flags or the data ends with one line
-on stderr and exit code 2.
+experiments/config.py).
+
+Checkpoints and resuming (see experiments/train.py): every block's state and
+the loop position are saved in <workdir>/checkpoints every --checkpoint_every
+steps (default: at each epoch's end) and at the end. Rerunning the same
+command with the same --workdir resumes from the latest checkpoint and ends
+bitwise as an uninterrupted run would (compare results.json's params_digest);
+a finished run rerun says so and exits 0. Only --max_steps, --eval_every and
+--skip_nonfinite may differ from the config stored in the workdir.
+
+    --checkpoint_every=N     save every N steps (0: only at the end and on a signal)
+    --resume_from=previous   the checkpoint before the latest (if that one is corrupt),
+                             or =<step>; later checkpoints are then deleted
+    --skip_nonfinite         skip and count a block's update whose loss is not finite
+    --overwrite              delete the workdir's run files and start afresh
+
+Exit codes, each failure with one line on stderr:
+    0    finished (or was already finished)
+    1    a block's loss became non-finite (block and step named; nothing after the
+         last good checkpoint saved); rerun with --skip_nonfinite, or change the
+         config with --overwrite
+    2    a mistake in the flags, the data, the workdir (another run's config) or an
+         unreadable checkpoint (named)
+    130  stopped by Ctrl-C (SIGINT) after saving a checkpoint; 143: by SIGTERM
 """
 
 import os
@@ -56,10 +78,19 @@ flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
                   'fused: one jitted step; blockwise: one jitted call per block (bwbpf; less '
                   'memory); auto: blockwise for bwbpf.')
 flags.DEFINE_string('data_dir', _UNSET, 'Dataset folder (tfds data_dir or image folder).')
-flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<dataset>_<arch>_<mode>).')
+flags.DEFINE_bool('skip_nonfinite', _UNSET, 'Skip (and count) a block\'s update when its loss '
+                  'or gradient is not finite, instead of stopping the run.')
+flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<dataset>_<arch>_<mode>); '
+                    'a rerun with the same workdir resumes.')
+flags.DEFINE_integer('checkpoint_every', None, 'Save a checkpoint every N steps (default: at '
+                     'each epoch\'s end; 0: only at the end and on SIGINT/SIGTERM).')
+flags.DEFINE_string('resume_from', 'latest', 'Checkpoint to resume from: latest, previous (the '
+                    'one before the latest), or a step number.')
+flags.DEFINE_bool('overwrite', False, 'Delete the run files (checkpoints, metrics, results) of '
+                  'the run in --workdir and start afresh (not in a command rerun to resume).')
 
 # Flags that are not run configuration.
-_NOT_CONFIG = ('preset', 'workdir')
+_NOT_CONFIG = ('preset', 'workdir', 'checkpoint_every', 'resume_from', 'overwrite')
 
 
 def _given_flags() -> dict:
@@ -84,20 +115,45 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+def _quiet_closed_loop_callbacks():
+  """Drops the 'Event loop is closed' errors orbax's readers raise after a failed restore.
+
+  When one array of a corrupt checkpoint fails to read, orbax closes its event
+  loop while the other reads are still finishing; their callbacks then fail
+  into `sys.unraisablehook` and print tracebacks after the one-line error. They
+  say nothing more than that error; any other unraisable error is still shown.
+  """
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      default_hook(unraisable)
+  sys.unraisablehook = hook
+
+
 def main(argv):
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)',
           file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
+  _quiet_closed_loop_callbacks()
   from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   try:
     config = config_lib.make_config(_given_flags(), FLAGS.preset)
     workdir = FLAGS.workdir or os.path.join('runs', f'{config.dataset}_{config.arch}_{config.mode}')
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, checkpoint_every=FLAGS.checkpoint_every,
+                             resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite)
   except bwbpf_jax.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except train.Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == '__main__':

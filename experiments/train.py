@@ -4,19 +4,76 @@
 the partitioned model, trains every block for `config.epochs` (or
 `config.max_steps`), evaluates every head, and leaves metrics, TensorBoard
 events, a plot and results.json in `workdir`.
+
+Failure handling, so that a run of hours loses at most the steps since its
+last checkpoint:
+
+- Checkpoints (orbax, `bwbpf_jax.checkpoint`) of every block's params,
+  batch_stats and opt_state, plus the loop position, go to `workdir/checkpoints`
+  every `checkpoint_every` steps (default: at every epoch's end) and at the end.
+  Nothing else needs saving: the init key is `config.seed` and batches are a
+  pure function of (seed, epoch, step), so the step fixes all randomness.
+- Rerunning with the same workdir resumes from the latest checkpoint and ends
+  bitwise equal to an uninterrupted run (on CPU; results.json's `params_digest`
+  compares two runs). A finished run rerun only says so. metrics.jsonl records
+  after the checkpoint's step are dropped, so they are not written twice.
+- The workdir keeps its run's config.json; a different config is refused
+  (`RESUMABLE_FIELDS` may change) unless `overwrite`, which deletes the run's
+  own files in the workdir (`RUN_FILES`) and nothing else.
+- A non-finite loss (or parameter, checked before each save) raises
+  `NonFiniteError` naming the block and step, without saving anything after the
+  last good checkpoint; with `config.skip_nonfinite` the block's update is
+  skipped instead and counted (metrics 'skipped', results 'skipped_updates').
+- SIGINT and SIGTERM finish the current step, save a checkpoint and raise
+  `Interrupted`; a second signal acts as it normally would.
+
+Checkpoints are written synchronously (the save waits for the host copy and
+the files): simple, and exact resume and the signal path never depend on a
+write still in flight.
 """
 
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import threading
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import bwbpf_jax as bw
+from bwbpf_jax import checkpoint
 from bwbpf_jax import data
+from experiments import config as config_lib
 from experiments import writers
 from experiments.engine import Engine, make_engine
 from experiments.config import Config
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+# What a run writes in its workdir; --overwrite removes these and nothing else.
+RUN_FILES = (CHECKPOINT_DIR, CONFIG_FILE, writers.METRICS_FILE, writers.RESULTS_FILE,
+             writers.PLOT_FILE, 'tensorboard')
+# Config fields a rerun may change and still resume: they decide when the run stops
+# and evaluates, not what a step computes (skip_nonfinite changes nothing while the
+# losses are finite, and a run that met a non-finite loss stopped there).
+RESUMABLE_FIELDS = ('max_steps', 'eval_every', 'skip_nonfinite')
+
+
+class NonFiniteError(Exception):
+  """A block's loss or parameters stopped being finite; nothing after that was saved."""
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM stopped the run after saving a checkpoint."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
 
 
 def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict:
@@ -34,11 +91,72 @@ def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict
           'loss': totals['loss'] / totals['count']}
 
 
-def train_and_evaluate(config: Config, workdir: str, log=print) -> dict:
-  """Runs the whole experiment described by `config`; returns what results.json holds."""
+@dataclasses.dataclass
+class LoopState:
+  """Where the loop is, beyond the block states; saved with every checkpoint.
+
+  `train_sums`/`train_count` hold the current epoch's metrics so far, so the
+  epoch's record is the same whether or not the run was resumed inside it.
+  """
+  step: int = 0
+  train_sums: Optional[dict] = None
+  train_count: int = 0
+  skipped_updates: Optional[list] = None  # [K] updates skipped per block, whole run.
+  train_seconds: float = 0.0
+  timed_images: int = 0
+
+  def to_meta(self, config: Config, steps_per_epoch: int) -> dict:
+    fields = dataclasses.asdict(self)
+    if self.train_sums is not None:
+      fields['train_sums'] = {name: np.asarray(v).tolist() for name, v in self.train_sums.items()}
+    return {'seed': config.seed, 'steps_per_epoch': steps_per_epoch,
+            'epoch': self.step // steps_per_epoch, 'epoch_step': self.step % steps_per_epoch,
+            'loop': fields}
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> 'LoopState':
+    loop = cls(**meta['loop'])
+    if loop.train_sums is not None:
+      loop.train_sums = {name: np.asarray(v, np.float64) for name, v in loop.train_sums.items()}
+    return loop
+
+  def accumulate(self, metrics: dict):
+    """Adds one step's metrics (host arrays, each [K]) to the epoch's sums."""
+    metrics = {name: np.asarray(value, np.float64) for name, value in metrics.items()}
+    self.train_sums = metrics if self.train_sums is None else {
+        name: self.train_sums[name] + metrics[name] for name in self.train_sums}
+    self.train_count += 1
+    skipped = np.asarray(metrics['skipped']).astype(int)
+    self.skipped_updates = (skipped if self.skipped_updates is None
+                            else np.asarray(self.skipped_updates) + skipped).tolist()
+
+
+def train_and_evaluate(config: Config, workdir: str, log=print, *,
+                       checkpoint_every: Optional[int] = None, resume_from: str = 'latest',
+                       overwrite: bool = False) -> dict:
+  """Runs (or resumes) the whole experiment described by `config`; returns results.json's dict.
+
+  Args:
+    config: what to compute.
+    workdir: where the run's files go; a rerun with the same workdir resumes.
+    log: prints a line (only the chief process logs).
+    checkpoint_every: save every N steps; None: at every epoch's end; 0: only at
+      the end (and on SIGINT/SIGTERM).
+    resume_from: 'latest', 'previous' (the checkpoint before the latest, when the
+      latest is unreadable), or a step number as a string or int.
+    overwrite: delete the run files of whatever run `workdir` holds and start afresh.
+
+  Raises:
+    bw.UsageError: another run's config in workdir, an unreadable checkpoint, bad data.
+    NonFiniteError: a non-finite loss without `config.skip_nonfinite`.
+    Interrupted: SIGINT or SIGTERM, after saving a checkpoint.
+  """
   wall_start = time.time()
   is_chief = jax.process_index() == 0
   log = log if is_chief else (lambda *args, **kwargs: None)
+  if checkpoint_every is not None and checkpoint_every < 0:
+    raise bw.UsageError(f'--checkpoint_every must be 0 or more, got {checkpoint_every}')
+  _prepare_workdir(config, workdir, overwrite, is_chief, log)
   dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
   mean, std = data.normalization_stats(dataset.train_images)
   image_shape = dataset.image_shape
@@ -56,96 +174,363 @@ def train_and_evaluate(config: Config, workdir: str, log=print) -> dict:
   tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr, total_steps=schedule_steps,
                          momentum=config.momentum, weight_decay=config.weight_decay,
                          warmup_steps=config.warmup_epochs * steps_per_epoch)
-  engine = make_engine(config, model, tx)
-  states = bw.init_block_states(model, tx, jax.random.key(config.seed), image_shape)
-  log(f'{config.arch} on {config.dataset} {image_shape}: {model.num_blocks} blocks of '
-      f'{list(bw.partition.block_unit_counts(model))} units, mode {config.mode}, '
-      f'{bw.backbone_param_count(model, states):,} backbone parameters, '
-      f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
-  states = engine.put_states(states)
 
-  writer = writers.MetricWriter(workdir, enabled=is_chief)
-  progress = writers.Progress(last_step, enabled=is_chief)
-  step, test_metrics = 0, None
-  train_seconds, timed_images = 0.0, 0
+  manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:
-    while step < last_step:
-      epoch, epoch_start_step = divmod(step, steps_per_epoch)
-      batches = data.train_batches(
-          dataset.train_images, dataset.train_labels, batch_size=config.batch_size,
-          seed=config.seed, epoch=epoch, mean=mean, std=std, augment=config.augment,
-          start_step=epoch_start_step, process_index=jax.process_index(),
-          process_count=jax.process_count())
-      sums, count, pending = None, 0, None
-      segment_start, segment_images = None, 0
-      with data.prefetch(batches, put=engine.put_batch) as stream:
-        for batch in stream:
-          states, metrics = engine.train_step(states, batch)
-          step += 1
-          # Read the previous step's metrics while this one runs: the host stays one
-          # step ahead of the device and never drains the dispatch queue.
-          if pending is not None:
-            sums, count = _accumulate(sums, jax.device_get(pending)), count + 1
-            if segment_start is None:  # The first step compiled; time from its end.
-              segment_start = time.perf_counter()
-            else:
-              segment_images += config.batch_size
-          pending = metrics
-          elapsed = time.perf_counter() - segment_start if segment_start else 0.0
-          progress.update(step, epoch, segment_images / elapsed if elapsed else 0.0)
-          if step >= last_step or step % steps_per_epoch == 0:
-            break
-      sums, count = _accumulate(sums, jax.device_get(pending)), count + 1
-      if segment_start is not None:
-        segment_images += config.batch_size
-        train_seconds += time.perf_counter() - segment_start
-        timed_images += segment_images
-      progress.clear()
-      train_metrics = {name: value / count for name, value in sums.items()}
-      writer.write({'split': 'train', 'step': step, 'epoch': step / steps_per_epoch,
-                    **train_metrics})
-      line = (f'epoch {step / steps_per_epoch:6.2f}  step {step:6d}  train loss '
-              f'{writers.format_blocks(train_metrics["loss"])} '
-              f'acc {writers.format_blocks(train_metrics["accuracy"])}')
-      end_of_epoch = step % steps_per_epoch == 0
-      if step >= last_step or (end_of_epoch and (step // steps_per_epoch) % config.eval_every == 0):
-        test_metrics = evaluate(engine, states, dataset, config, mean, std)
-        writer.write({'split': 'test', 'step': step, 'epoch': step / steps_per_epoch,
-                      **test_metrics})
-        line += f'  test acc {writers.format_blocks(test_metrics["accuracy"])}'
-      if train_seconds:
-        line += f'  {timed_images / train_seconds:.0f} img/s'
-      log(line)
+    start_step = _resume_step(manager, resume_from)
+    if start_step is not None and start_step >= last_step:
+      return _already_finished(workdir, start_step, last_step, log)
+    engine = make_engine(config, model, tx)
+    if start_step is None:
+      states = bw.init_block_states(model, tx, jax.random.key(config.seed), image_shape)
+      loop = LoopState()
+    else:
+      states, loop = _restore(manager, start_step, model, tx, image_shape, config,
+                              steps_per_epoch)
+    log(f'{config.arch} on {config.dataset} {image_shape}: {model.num_blocks} blocks of '
+        f'{list(bw.partition.block_unit_counts(model))} units, mode {config.mode}, '
+        f'{bw.backbone_param_count(model, states):,} backbone parameters, '
+        f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
+    if start_step is None:
+      log(f'starting at step 0 of {last_step}; checkpoints in {manager.directory}')
+    else:
+      log(f'resuming at step {start_step} of {last_step} (epoch '
+          f'{start_step / steps_per_epoch:.2f}) from {checkpoint.step_path(manager, start_step)}')
+    if is_chief:
+      _truncate_metrics(workdir, start_step or 0)
+    states = engine.put_states(states)
+    run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
+               last_step, checkpoint_every, log, is_chief)
+    states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
+    host_states = jax.device_get(states)
+    run.check_finite_params(host_states, loop.step)
+    results = {
+        'config': config.to_dict(),
+        'test_accuracy': float(test_metrics['accuracy'][-1]),
+        'block_test_accuracy': test_metrics['accuracy'],
+        'block_test_loss': test_metrics['loss'],
+        'block_train_accuracy': train_metrics['accuracy'],
+        'block_train_loss': train_metrics['loss'],
+        'split_points': list(model.split_points),
+        'backbone_params': bw.backbone_param_count(model, host_states),
+        'params_digest': checkpoint.params_digest(host_states),
+        'skipped_updates': loop.skipped_updates,
+        'steps': loop.step,
+        'epochs_completed': loop.step / steps_per_epoch,
+        'resumed_from_step': start_step,
+        'num_devices': engine.num_devices,
+        'num_processes': jax.process_count(),
+        'parallel': engine.name,
+        'images_per_sec': loop.timed_images / loop.train_seconds if loop.train_seconds else None,
+        'wall_time_s': time.time() - wall_start,
+        'platform': jax.default_backend(),
+    }
+    if is_chief:
+      writers.write_results(workdir, results)
+      writers.plot_block_curves(workdir)
+    # The final checkpoint comes after results.json: a checkpoint at the last step
+    # means the run is complete, and a rerun then has nothing to do.
+    run.save(host_states, loop)
   finally:
-    writer.close()
-
-  results = {
-      'config': config.to_dict(),
-      'test_accuracy': float(test_metrics['accuracy'][-1]),
-      'block_test_accuracy': test_metrics['accuracy'],
-      'block_test_loss': test_metrics['loss'],
-      'block_train_accuracy': train_metrics['accuracy'],
-      'block_train_loss': train_metrics['loss'],
-      'split_points': list(model.split_points),
-      'backbone_params': bw.backbone_param_count(model, jax.device_get(states)),
-      'steps': step,
-      'epochs_completed': step / steps_per_epoch,
-      'num_devices': engine.num_devices,
-      'num_processes': jax.process_count(),
-      'parallel': engine.name,
-      'images_per_sec': timed_images / train_seconds if train_seconds else None,
-      'wall_time_s': time.time() - wall_start,
-      'platform': jax.default_backend(),
-  }
-  if is_chief:
-    writers.write_results(workdir, results)
-    writers.plot_block_curves(workdir)
+    manager.close()
   log(f'test accuracy {100 * results["test_accuracy"]:.2f}% (output head); every head: '
       f'{writers.format_blocks(100 * np.asarray(test_metrics["accuracy"]), "{:.1f}")}; '
       f'results in {workdir}')
   return results
 
 
-def _accumulate(sums, metrics):
-  metrics = {name: np.asarray(value, np.float64) for name, value in metrics.items()}
-  return metrics if sums is None else {name: sums[name] + metrics[name] for name in sums}
+class _Run:
+  """The loop of one process over its remaining steps; owns the writers and the signals."""
+
+  def __init__(self, config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
+               last_step, checkpoint_every, log, is_chief):
+    self.config, self.workdir, self.engine, self.manager = config, workdir, engine, manager
+    self.dataset, self.mean, self.std = dataset, mean, std
+    self.steps_per_epoch, self.last_step = steps_per_epoch, last_step
+    self.checkpoint_every, self.log, self.is_chief = checkpoint_every, log, is_chief
+    self.saved_step = None
+
+  def checkpoint_due(self, step: int) -> bool:
+    if step == 0:
+      return False
+    if self.checkpoint_every is None:
+      return step % self.steps_per_epoch == 0
+    return self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+
+  def save(self, states, loop: LoopState) -> str:
+    """Checkpoints `states` after `loop.step` steps, unless that step is saved already."""
+    path = checkpoint.step_path(self.manager, loop.step)
+    if self.saved_step == loop.step:
+      return path
+    host_states = jax.device_get(states)
+    self.check_finite_params(host_states, loop.step)
+    checkpoint.save(self.manager, loop.step, host_states,
+                    loop.to_meta(self.config, self.steps_per_epoch))
+    self.saved_step = loop.step
+    return path
+
+  def check_finite_params(self, host_states, step: int):
+    """A checkpoint is good only if its parameters are finite (unless skipping is on)."""
+    if self.config.skip_nonfinite:
+      return
+    for k, state in enumerate(host_states):
+      if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)):
+        raise NonFiniteError(f'non-finite parameters in block {k + 1} of {len(host_states)} '
+                             f'after step {step}; not saved. {self.last_good()}')
+
+  def last_good(self) -> str:
+    saved = checkpoint.steps(self.manager)
+    if not saved:
+      return 'No checkpoint was saved.'
+    return (f'Last good checkpoint: step {saved[-1]} in {self.manager.directory} (rerun with '
+            f'--skip_nonfinite to skip such updates, or change the config with --overwrite).')
+
+  def take_metrics(self, loop: LoopState, metrics, step: int):
+    """Adds step `step`'s metrics to the epoch's, stopping the run if a loss is not finite."""
+    metrics = jax.device_get(metrics)
+    loss = np.asarray(metrics['loss'])
+    if not self.config.skip_nonfinite and not np.all(np.isfinite(loss)):
+      blocks = np.flatnonzero(~np.isfinite(loss))
+      names = ', '.join(f'{k + 1} (loss {loss[k]})' for k in blocks)
+      raise NonFiniteError(
+          f'non-finite loss at step {step} in block{"s" if len(blocks) > 1 else ""} {names} '
+          f'of {len(loss)}; stopped without saving it. {self.last_good()}')
+    loop.accumulate(metrics)
+
+  def train(self, states, loop: LoopState, start_step):
+    """Trains from `loop.step` to the last step; returns (states, loop, train and test metrics)."""
+    config, steps_per_epoch, last_step = self.config, self.steps_per_epoch, self.last_step
+    self.saved_step = start_step
+    writer = writers.MetricWriter(self.workdir, enabled=self.is_chief)
+    progress = writers.Progress(last_step, enabled=self.is_chief)
+    train_metrics = test_metrics = None
+    try:
+      with _StopSignals() as stop:
+        while True:
+          if stop.signum is not None and loop.step < last_step:
+            self.stop(states, loop, stop.signum, progress)
+          step = loop.step
+          # The epoch's records, once its last step (or the run's) is done. A run stopped
+          # by a signal right there writes them when it resumes.
+          if loop.train_count and (step % steps_per_epoch == 0 or step >= last_step):
+            train_metrics, evaluated = self.end_of_epoch(states, loop, writer, progress)
+            test_metrics = evaluated or test_metrics
+          if step >= last_step:
+            break
+          if self.checkpoint_due(step):
+            self.save(states, loop)
+          if stop.signum is not None:
+            self.stop(states, loop, stop.signum, progress)
+          states = self.train_segment(states, loop, stop, progress)
+    finally:
+      writer.close()
+    return states, loop, train_metrics, test_metrics
+
+  def train_segment(self, states, loop: LoopState, stop, progress):
+    """Steps until the epoch ends, a checkpoint is due, the run ends, or a signal comes."""
+    config, steps_per_epoch = self.config, self.steps_per_epoch
+    epoch, epoch_step = divmod(loop.step, steps_per_epoch)
+    batches = data.train_batches(
+        self.dataset.train_images, self.dataset.train_labels, batch_size=config.batch_size,
+        seed=config.seed, epoch=epoch, mean=self.mean, std=self.std, augment=config.augment,
+        start_step=epoch_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    pending, segment_start, segment_images = None, None, 0
+    with data.prefetch(batches, put=self.engine.put_batch) as stream:
+      for batch in stream:
+        states, metrics = self.engine.train_step(states, batch)
+        loop.step += 1
+        # Read the previous step's metrics while this one runs: the host stays one
+        # step ahead of the device and never drains the dispatch queue.
+        if pending is not None:
+          self.take_metrics(loop, pending, loop.step - 1)
+          if segment_start is None:  # The first step compiled; time from its end.
+            segment_start = time.perf_counter()
+          else:
+            segment_images += config.batch_size
+        pending = metrics
+        elapsed = time.perf_counter() - segment_start if segment_start else 0.0
+        progress.update(loop.step, epoch, segment_images / elapsed if elapsed else 0.0)
+        if (loop.step >= self.last_step or loop.step % steps_per_epoch == 0
+            or self.checkpoint_due(loop.step) or stop.signum is not None):
+          break
+    self.take_metrics(loop, pending, loop.step)
+    if segment_start is not None:
+      loop.train_seconds += time.perf_counter() - segment_start
+      loop.timed_images += segment_images + config.batch_size
+    return states
+
+  def end_of_epoch(self, states, loop: LoopState, writer, progress):
+    """Writes the epoch's train record (and evaluates when due); resets the epoch's sums."""
+    step, steps_per_epoch = loop.step, self.steps_per_epoch
+    progress.clear()
+    train_metrics = {name: value / loop.train_count for name, value in loop.train_sums.items()}
+    loop.train_sums, loop.train_count = None, 0
+    writer.write({'split': 'train', 'step': step, 'epoch': step / steps_per_epoch,
+                  **train_metrics})
+    line = (f'epoch {step / steps_per_epoch:6.2f}  step {step:6d}  train loss '
+            f'{writers.format_blocks(train_metrics["loss"])} '
+            f'acc {writers.format_blocks(train_metrics["accuracy"])}')
+    test_metrics = None
+    end_of_epoch = step % steps_per_epoch == 0
+    if step >= self.last_step or (
+        end_of_epoch and (step // steps_per_epoch) % self.config.eval_every == 0):
+      test_metrics = evaluate(self.engine, states, self.dataset, self.config, self.mean,
+                              self.std)
+      writer.write({'split': 'test', 'step': step, 'epoch': step / steps_per_epoch,
+                    **test_metrics})
+      line += f'  test acc {writers.format_blocks(test_metrics["accuracy"])}'
+    if np.any(train_metrics['skipped']):
+      line += f'  skipped updates {loop.skipped_updates}'
+    if loop.train_seconds:
+      line += f'  {loop.timed_images / loop.train_seconds:.0f} img/s'
+    self.log(line)
+    return train_metrics, test_metrics
+
+  def stop(self, states, loop: LoopState, signum: int, progress):
+    progress.clear()
+    path = self.save(states, loop)
+    name = signal.Signals(signum).name
+    raise Interrupted(f'stopped by {name} at step {loop.step} of {self.last_step}; checkpoint '
+                      f'in {path}; rerun the same command to resume', signum)
+
+
+class _StopSignals:
+  """Turns SIGINT and SIGTERM into a flag (`signum`) that the loop checks between steps.
+
+  The first signal only sets the flag, so the loop can finish its step and save;
+  the handler then puts the previous one back, so a second signal acts at once
+  (Ctrl-C twice raises KeyboardInterrupt). Outside the main thread, where Python
+  cannot install handlers, signals keep their usual meaning.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.signal(signum, self._handle)
+        self._previous[signum] = signal.SIG_DFL if previous is None else previous
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.signum = signum
+    signal.signal(signum, self._previous[signum])
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _prepare_workdir(config: Config, workdir: str, overwrite: bool, is_chief: bool, log):
+  """Checks that `workdir` holds this run (or none) and records the config in it."""
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if overwrite:
+    removed = [name for name in RUN_FILES if os.path.lexists(os.path.join(workdir, name))]
+    if is_chief:
+      for name in removed:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
+    if removed:
+      log(f'--overwrite: removed {", ".join(removed)} from {workdir}')
+  elif os.path.exists(config_path):
+    try:
+      with open(config_path) as f:
+        stored = config_lib.config_from_json(f.read())
+    except (ValueError, TypeError) as e:
+      raise bw.UsageError(f'{config_path} is not a readable config ({e}); use another '
+                          f'--workdir or --overwrite') from None
+    differ = [f'{name} {getattr(stored, name)!r} != {getattr(config, name)!r}'
+              for name in config_lib._FIELDS  # pylint: disable=protected-access
+              if name not in RESUMABLE_FIELDS and getattr(stored, name) != getattr(config, name)]
+    if differ:
+      raise bw.UsageError(f'workdir {workdir} holds a run with a different config '
+                          f'({"; ".join(differ)}); use another --workdir or --overwrite')
+  elif os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    raise bw.UsageError(f'workdir {workdir} has checkpoints but no {CONFIG_FILE} to tell '
+                        f'which run they belong to; use another --workdir or --overwrite')
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = config_path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, config_path)
+
+
+def _resume_step(manager, resume_from) -> Optional[int]:
+  """The checkpoint step to start from (None: from scratch)."""
+  available = checkpoint.steps(manager)
+  where = f'{manager.directory} (checkpoints: {", ".join(map(str, available)) or "none"})'
+  resume_from = str(resume_from)
+  if resume_from == 'latest':
+    return available[-1] if available else None
+  if resume_from == 'previous':
+    if len(available) < 2:
+      raise bw.UsageError(f'--resume_from=previous needs two checkpoints in {where}')
+    return available[-2]
+  if not resume_from.isdigit():
+    raise bw.UsageError(f'--resume_from must be latest, previous or a step number, '
+                        f'got {resume_from!r}')
+  if int(resume_from) not in available:
+    raise bw.UsageError(f'no checkpoint of step {resume_from} in {where}')
+  return int(resume_from)
+
+
+def _restore(manager, step, model, tx, image_shape, config, steps_per_epoch):
+  """Block states (on the host) and loop state of checkpoint `step`, checked against the run."""
+  target = bw.abstract_block_states(model, tx, image_shape)
+  try:
+    states, meta = checkpoint.restore(manager, step, target)
+  except bw.UsageError as e:
+    earlier = [s for s in checkpoint.steps(manager) if s < step]
+    hint = (f'rerun with --resume_from=previous to resume from step {earlier[-1]}' if earlier
+            else 'rerun with --overwrite to start again')
+    raise bw.UsageError(f'{e}; {hint}') from None
+  path = checkpoint.step_path(manager, step)
+  if meta.get('seed') != config.seed or meta.get('steps_per_epoch') != steps_per_epoch:
+    raise bw.UsageError(
+        f'checkpoint {path} was made with seed {meta.get("seed")} and '
+        f'{meta.get("steps_per_epoch")} steps/epoch, this run has {config.seed} and '
+        f'{steps_per_epoch}; use another --workdir or --overwrite')
+  # Checkpoints after this one belong to a trajectory being replaced (or are unreadable).
+  for newer in [s for s in checkpoint.steps(manager) if s > step]:
+    checkpoint.delete(manager, newer)
+  return states, LoopState.from_meta(meta)
+
+
+def _already_finished(workdir, step, last_step, log) -> dict:
+  path = os.path.join(workdir, writers.RESULTS_FILE)
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+  log(f'{workdir} holds a finished run (checkpoint at step {step}, this config stops at '
+      f'{last_step}); nothing to do. Results: {path}'
+      + (f', test accuracy {100 * results["test_accuracy"]:.2f}%'
+         if isinstance(results.get('test_accuracy'), float) else ''))
+  return results
+
+
+def _truncate_metrics(workdir: str, step: int):
+  """Drops metrics.jsonl records after `step` (and a line cut short by a crash)."""
+  path = os.path.join(workdir, writers.METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if record.get('step', 0) <= step:
+        kept.append(json.dumps(record) + '\n')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
