@@ -1,6 +1,7 @@
 """Batches: reproducible order and augmentation, resume, process slices, eval padding, prefetch."""
 
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -287,6 +288,24 @@ def test_prefetch_is_bounded_and_closes():
   thread.join(timeout=2)
   assert not thread.is_alive()
   assert list(batches) == []
+
+
+def test_prefetch_close_waits_for_the_item_in_flight():
+  # A daemon thread still inside put (jax.device_put) at interpreter exit aborts the
+  # process, so close() must return only once the producer has left put.
+  in_put, leaving_put = threading.Event(), []
+
+  def slow_put(item):
+    in_put.set()
+    time.sleep(0.5)
+    leaving_put.append(item)
+    return item
+
+  batches = data.prefetch(itertools.count(), size=1, put=slow_put)
+  assert in_put.wait(timeout=5)
+  batches.close()
+  assert leaving_put
+  assert not batches._thread.is_alive()
 
 
 def test_prefetch_thread_is_a_daemon():

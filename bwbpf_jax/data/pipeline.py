@@ -208,6 +208,9 @@ class Prefetcher:
   stop the thread when leaving the block; `close()` does the same by hand, and
   dropping the last reference closes it too. The thread is a daemon and waits
   on a bounded queue, so a consumer that stops early never hangs the process.
+  `close()` also waits for the thread to finish the item it is producing: a
+  daemon thread still inside `jax.device_put` when the interpreter exits is
+  killed in C++ code and aborts the process (SIGABRT instead of the exit code).
   """
 
   def __init__(self, iterator: Iterable, size: int = 2,
@@ -240,9 +243,11 @@ class Prefetcher:
     raise StopIteration
 
   def close(self):
-    """Stops the producer thread; later calls to next() raise StopIteration."""
+    """Stops the producer thread and waits for it; later calls to next() raise StopIteration."""
     self._finished = True
     self._stop.set()
+    if self._thread.is_alive() and self._thread is not threading.current_thread():
+      self._thread.join(timeout=_JOIN_SECONDS)
 
   def __enter__(self):
     return self
@@ -251,7 +256,7 @@ class Prefetcher:
     self.close()
 
   def __del__(self):
-    if hasattr(self, '_stop'):  # __init__ may have failed before making it.
+    if hasattr(self, '_thread'):  # __init__ may have failed before making it.
       self.close()
 
 
@@ -267,6 +272,9 @@ def prefetch(iterator: Iterable, size: int = 2,
 
 
 _POLL_SECONDS = 0.1
+# Enough for one batch's augmentation and copy; a producer stuck longer (a hung
+# file system) is left behind rather than hanging the consumer.
+_JOIN_SECONDS = 60.0
 
 
 def _produce(iterator, put, items: queue.Queue, stop: threading.Event):
