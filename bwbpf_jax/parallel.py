@@ -42,10 +42,11 @@ DATA_AXIS = 'data'
 def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
   """A 1-D mesh with axis 'data' over the first `num_devices` of `jax.devices()` (all by default).
 
-  The axis is of type Auto: the compiler partitions the unchanged single-device
-  step by propagating the input shardings (Explicit axes would need sharding
-  annotations inside the step). In a multi-process run `jax.devices()` lists
-  every process's devices, so the mesh is global.
+  The axis is of type Auto (`jax.make_mesh` defaults to Explicit): the compiler
+  partitions the unchanged single-device step from the shardings given to jit,
+  so calls need no `jax.set_mesh` context. In a multi-process run
+  `jax.devices()` lists every process's devices and the default mesh is global;
+  a smaller one must still give every process a device.
   """
   available = len(jax.devices())
   num_devices = available if num_devices is None else int(num_devices)
@@ -222,7 +223,11 @@ def make_block_parallel_train_step(model: PartitionedModel, tx: optax.GradientTr
   dispatches; each block's jitted `step.block_train_step` runs on the device
   holding its (committed) state, activations are copied to the next block's
   device with `jax.device_put`, and asynchronous dispatch lets the devices run
-  at the same time. Ticks take M + K - 1 block steps of the slowest device.
+  at the same time. A step is M + K - 1 ticks, each as long as the slowest
+  block's step on a micro-batch.
+
+  Every micro-batch is an optimizer step, so optimizer schedules advance M
+  steps per global batch: build them for M times the number of batches.
 
   No gradient crosses a block boundary, so block k's update on micro-batch m
   depends only on its own state and block k-1's forward output on m, which

@@ -10,6 +10,7 @@ talk over loopback only.
 """
 
 import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -174,8 +175,9 @@ class SingleProcessTest(parameterized.TestCase):
     self.assertIn(f'{num_tests} passed', result.stdout, report)
 
   def test_two_processes_train_as_one_on_the_global_batch(self):
-    sys.path.insert(0, os.path.dirname(WORKER))
-    import parallel_worker  # pylint: disable=g-import-not-at-top
+    spec = importlib.util.spec_from_file_location('parallel_worker', WORKER)
+    parallel_worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parallel_worker)
     with tempfile.TemporaryDirectory() as out_dir:
       port = _free_port()
       workers = [subprocess.Popen(
@@ -201,13 +203,14 @@ class SingleProcessTest(parameterized.TestCase):
       with np.load(os.path.join(out_dir, 'process_0.npz')) as saved:
         trained = [saved[f'arr_{i}'] for i in range(len(saved.files))]
 
-    # The same training in this process, on one device and the whole global batch.
+    # The same training in this process, on one device and the whole global batch; the
+    # 4 devices' partial sums and all-reduces add in another order.
     model, tx, states, batches = parallel_worker.experiment()
     train_step = bw.make_train_step(model, tx)
     for batch in batches:
       states, _ = train_step(states, batch)
     chex.assert_trees_all_close(trained, parallel_worker.params_leaves(states),
-                                rtol=1e-5, atol=1e-6)
+                                rtol=1e-5, atol=1e-5)
 
 
 def _free_port() -> int:
