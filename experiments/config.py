@@ -79,9 +79,9 @@ def _paper_presets() -> dict:
 PRESETS = {
     **_paper_presets(),
     # The equal-budget CPU comparison of docs/results.md (on the CIFAR-10 JPEG copy).
-    'cpu_cifar10_vgg11': dict(dataset='imagefolder', arch='vgg11', width=0.25, epochs=4,
+    'cpu_cifar10_vgg11': dict(dataset='imagefolder', arch='vgg11', width=0.25, epochs=3,
                               batch_size=128, lr=0.05, warmup_epochs=1),
-    'cpu_cifar10_resnet18': dict(dataset='imagefolder', arch='resnet18', width=0.25, epochs=4,
+    'cpu_cifar10_resnet18': dict(dataset='imagefolder', arch='resnet18', width=0.25, epochs=3,
                                  batch_size=128, lr=0.05, warmup_epochs=1),
 }
 

@@ -21,6 +21,16 @@ a finished run rerun says so and exits 0. Only --max_steps, --eval_every and
     --skip_nonfinite         skip and count a block's update whose loss is not finite
     --overwrite              delete the workdir's run files and start afresh
 
+Several devices and hosts (see experiments/engine.py):
+
+    --parallel=data          the step sharded over every device (default when JAX
+                             sees more than one); the batch must divide evenly
+    --parallel=blocks        block k on device k mod D, --microbatches=M in flight
+    --coordinator_address=host:port --num_processes=N --process_id=I
+                             one process per host (TPU pods and SLURM jobs are
+                             detected without these); each reads its slice of
+                             every batch, process 0 writes the logs and results
+
 Exit codes, each failure with one line on stderr:
     0    finished (or was already finished)
     1    a block's loss became non-finite (block and step named; nothing after the
@@ -77,6 +87,12 @@ flags.DEFINE_integer('eval_every', _UNSET, 'Evaluate every N epochs (and at the 
 flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
                   'fused: one jitted step; blockwise: one jitted call per block (bwbpf; less '
                   'memory); auto: blockwise for bwbpf.')
+flags.DEFINE_enum('parallel', _UNSET, ('auto', 'none', 'data', 'blocks'),
+                  'data: the step sharded over all devices (the batch split, gradients '
+                  'averaged); blocks: block k on device k mod D, pipelined over micro-batches '
+                  '(bwbpf); none: one device; auto: data when several devices are present.')
+flags.DEFINE_integer('microbatches', _UNSET, 'Micro-batches per batch for --parallel=blocks '
+                     '(each is an optimizer step).')
 flags.DEFINE_string('data_dir', _UNSET, 'Dataset folder (tfds data_dir or image folder).')
 flags.DEFINE_bool('skip_nonfinite', _UNSET, 'Skip (and count) a block\'s update when its loss '
                   'or gradient is not finite, instead of stopping the run.')
@@ -89,8 +105,14 @@ flags.DEFINE_string('resume_from', 'latest', 'Checkpoint to resume from: latest,
 flags.DEFINE_bool('overwrite', False, 'Delete the run files (checkpoints, metrics, results) of '
                   'the run in --workdir and start afresh (not in a command rerun to resume).')
 
+flags.DEFINE_string('coordinator_address', None, 'Multi-process runs: host:port of process '
+                    '0. Without it JAX detects TPU pods and SLURM/MPI/Kubernetes jobs itself.')
+flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index.')
+
 # Flags that are not run configuration.
-_NOT_CONFIG = ('preset', 'workdir', 'checkpoint_every', 'resume_from', 'overwrite')
+_NOT_CONFIG = ('preset', 'workdir', 'checkpoint_every', 'resume_from', 'overwrite',
+               'coordinator_address', 'num_processes', 'process_id')
 
 
 def _given_flags() -> dict:
@@ -140,7 +162,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
   _quiet_closed_loop_callbacks()
   from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
   try:
+    multi_process = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if any(value is not None for value in multi_process):
+      if None in multi_process[1:]:
+        raise bwbpf_jax.UsageError('a multi-process run needs --num_processes and --process_id '
+                                   '(and --coordinator_address outside TPU pods and clusters)')
+      if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise bwbpf_jax.UsageError(f'--process_id must be in [0, {FLAGS.num_processes}), '
+                                   f'got {FLAGS.process_id}')
+    parallel.initialize_distributed(*multi_process)
     config = config_lib.make_config(_given_flags(), FLAGS.preset)
     workdir = FLAGS.workdir or os.path.join('runs', f'{config.dataset}_{config.arch}_{config.mode}')
     train.train_and_evaluate(config, workdir, checkpoint_every=FLAGS.checkpoint_every,

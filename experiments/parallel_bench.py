@@ -21,9 +21,22 @@ parallelism buys on D accelerators, measured on a CPU.
   a different computation given for scale).
 - The `pipeline` process (D cores, D devices) times
   `parallel.make_block_parallel_train_step` and, again, the synchronous
-  micro-batch step on one of its devices: if that one is faster than on one
-  core, one device used more than one core and the comparison flatters nothing
-  but says so (`sync_microbatch_on_pipeline_cores`).
+  micro-batch step on one of its devices (`sync_microbatch_on_pipeline_cores`).
+  If that one is faster than on one core, one device used more than one core,
+  and `speedup` is an upper bound, not the pipeline's own gain. On jax 0.10.2
+  this is what happens: XLA:CPU runs every device's kernels on one shared
+  intra-op thread pool, so a single device's step keeps both pinned cores busy
+  (cpu_per_wall about 1.9) and is as fast as the pipeline. The honest CPU
+  figure is then pipeline / sync_microbatch_on_pipeline_cores (about 1: block
+  parallelism buys nothing where one device already has every core); the
+  gain on D accelerators is what `--project` estimates.
+
+    python -m experiments.parallel_bench --arch=resnet50 --width=0.25 --batch_size=64 \
+        --microbatches=4 --project=4,8
+
+times every unit alone on one core and prints, for each K, the projected
+speed-up (fill and drain of the M micro-batches included, transfers not) of
+the default split points and of `parallel.balanced_split_points`.
 
 Throughputs are images per second, each the median over `--steps` timed global
 batches after compilation; `speedup` = pipeline / sync_microbatch and
@@ -53,11 +66,15 @@ flags.DEFINE_integer('num_devices', 2, 'CPU devices D, one core each.')
 flags.DEFINE_integer('microbatches', 4, 'Micro-batches M per global batch.')
 flags.DEFINE_integer('steps', 5, 'Timed global batches per configuration.')
 flags.DEFINE_integer('unit_repeats', 5, 'Timed calls per unit when balancing the split.')
-flags.DEFINE_enum('worker', None, ('sync', 'pipeline'), 'Internal: measure in this process.')
+flags.DEFINE_list('project', None, 'Only project: time every unit on one core and print, for '
+                  'each K listed (e.g. 4,8), the pipeline speed-up of the default and of the '
+                  'balanced split points.')
+flags.DEFINE_enum('worker', None, ('sync', 'pipeline', 'project'),
+                  'Internal: measure in this process.')
 flags.DEFINE_list('split_points', None, 'Internal: split points for the pipeline worker.')
 
 _SHARED_FLAGS = ('arch', 'width', 'image_size', 'batch_size', 'num_blocks', 'num_devices',
-                 'microbatches', 'steps', 'unit_repeats')
+                 'microbatches', 'steps', 'unit_repeats', 'project')
 
 
 def _pin_and_configure(num_cores: int, num_devices: int) -> list:
@@ -117,8 +134,13 @@ def _measure(worker: str, split_points) -> dict:
     unit_states = bw.init_block_states(per_unit, tx, jax.random.key(0), image)
     unit_costs = parallel.per_block_step_times(per_unit, tx, unit_states, microbatch,
                                                repeats=FLAGS.unit_repeats)
-    split_points = parallel.balanced_split_points(unit_costs, FLAGS.num_blocks)
     result['unit_seconds'] = [round(t, 5) for t in unit_costs]
+    if worker == 'project':
+      result['projections'] = [_projection(build, unit_costs, int(k))
+                               for k in FLAGS.project]
+      result['load_avg_1m'] = os.getloadavg()[0]
+      return result
+    split_points = parallel.balanced_split_points(unit_costs, FLAGS.num_blocks)
 
   model = build(split_points=tuple(split_points))
   states = bw.init_block_states(model, tx, jax.random.key(0), image)
@@ -160,9 +182,38 @@ def _measure(worker: str, split_points) -> dict:
   return result
 
 
+def _projection(build, unit_costs, num_blocks: int) -> dict:
+  """Projected pipeline speed-up on K devices for the default and the balanced split points.
+
+  A block's time is the sum of its units' measured times (each unit was timed
+  with an auxiliary head of its own, so blocks of many units are overestimated
+  a little); the speed-up counts the fill and drain of --microbatches.
+  """
+  from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  def block_times(points):
+    bounds = [0, *points, len(unit_costs)]
+    return [sum(unit_costs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+  projection = {'num_blocks': num_blocks}
+  candidates = (('default', build(num_blocks=num_blocks).split_points),
+                ('balanced', parallel.balanced_split_points(unit_costs, num_blocks)))
+  for name, points in candidates:
+    times = block_times(points)
+    speedup = parallel.projected_pipeline_speedup(times, FLAGS.microbatches)
+    projection[name] = {
+        'split_points': list(points), 'block_seconds': [round(t, 5) for t in times],
+        'speedup': round(speedup, 3), 'efficiency': round(speedup / num_blocks, 3),
+        'steady_state_speedup': round(parallel.projected_pipeline_speedup(times), 3)}
+  return projection
+
+
 def _run_worker(worker: str, split_points=None) -> dict:
-  argv = [sys.executable, '-m', 'experiments.parallel_bench', f'--worker={worker}'] + [
-      f'--{name}={getattr(FLAGS, name)}' for name in _SHARED_FLAGS]
+  argv = [sys.executable, '-m', 'experiments.parallel_bench', f'--worker={worker}']
+  for name in _SHARED_FLAGS:
+    value = getattr(FLAGS, name)
+    if value is not None:
+      argv.append(f'--{name}={",".join(value) if isinstance(value, list) else value}')
   if split_points is not None:
     argv.append(f'--split_points={",".join(str(p) for p in split_points)}')
   proc = subprocess.run(argv, capture_output=True, text=True,
@@ -177,12 +228,20 @@ def _run_worker(worker: str, split_points=None) -> dict:
 def main(argv):
   del argv
   if FLAGS.worker:
-    cores = _pin_and_configure(1 if FLAGS.worker == 'sync' else FLAGS.num_devices,
-                               1 if FLAGS.worker == 'sync' else FLAGS.num_devices)
+    num = FLAGS.num_devices if FLAGS.worker == 'pipeline' else 1
+    cores = _pin_and_configure(num, num)
     split_points = None if FLAGS.split_points is None else [int(p) for p in FLAGS.split_points]
     result = _measure(FLAGS.worker, split_points)
     result['cores'] = cores
     print(json.dumps(result), flush=True)
+    return
+  if FLAGS.project:
+    projected = _run_worker('project')
+    import jax  # pylint: disable=g-import-not-at-top
+    print(json.dumps({
+        'arch': FLAGS.arch, 'width': FLAGS.width, 'image_size': FLAGS.image_size,
+        'microbatch_size': FLAGS.batch_size // FLAGS.microbatches,
+        'microbatches': FLAGS.microbatches, **projected, 'jax': jax.__version__}), flush=True)
     return
   sync = _run_worker('sync')
   pipeline = _run_worker('pipeline', sync['split_points'])

@@ -25,7 +25,10 @@ last checkpoint:
   last good checkpoint; with `config.skip_nonfinite` the block's update is
   skipped instead and counted (metrics 'skipped', results 'skipped_updates').
 - SIGINT and SIGTERM finish the current step, save a checkpoint and raise
-  `Interrupted`; a second signal acts as it normally would.
+  `Interrupted`; a second signal acts as it normally would. With several
+  processes every one saves (orbax saves collectively), so all must get the
+  signal between the same two steps; orbax's preemption sync point
+  (`CheckpointManager.reached_preemption`) is not wired in yet.
 
 Checkpoints are written synchronously (the save waits for the host copy and
 the files): simple, and exact resume and the signal path never depend on a
@@ -50,7 +53,7 @@ from bwbpf_jax import checkpoint
 from bwbpf_jax import data
 from experiments import config as config_lib
 from experiments import writers
-from experiments.engine import Engine, make_engine
+from experiments.engine import Engine, make_engine, optimizer_steps_per_batch
 from experiments.config import Config
 
 CONFIG_FILE = 'config.json'
@@ -83,6 +86,7 @@ def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict
                               batch_size=config.batch_size, mean=mean, std=std,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
+  states = engine.eval_states(states)
   for batch in data.prefetch(batches, put=engine.put_batch):
     sums = engine.eval_step(states, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
@@ -171,9 +175,12 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
                         f'{len(dataset.train_images)} training images')
   schedule_steps = config.epochs * steps_per_epoch
   last_step = min(schedule_steps, config.max_steps or schedule_steps)
-  tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr, total_steps=schedule_steps,
+  # Block-parallel pipelines make one optimizer step per micro-batch.
+  updates_per_batch = optimizer_steps_per_batch(config)
+  tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr,
+                         total_steps=schedule_steps * updates_per_batch,
                          momentum=config.momentum, weight_decay=config.weight_decay,
-                         warmup_steps=config.warmup_epochs * steps_per_epoch)
+                         warmup_steps=config.warmup_epochs * steps_per_epoch * updates_per_batch)
 
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:

@@ -12,20 +12,28 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 class NotebookTest(absltest.TestCase):
 
-  def test_notebook_runs_and_plots(self):
+  def test_notebook_runs_sharded_and_plots(self):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    saved = dict(os.environ)
+    # The kernel inherits the environment: 2 emulated CPU devices, so parallel='auto'
+    # takes the sharded data-parallel step, as on a TPU.
     os.environ['BWBPF_NOTEBOOK_SMOKE'] = '1'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_force_host_platform_device_count=2')
     try:
       nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                               resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}
                               ).execute()
     finally:
-      del os.environ['BWBPF_NOTEBOOK_SMOKE']
+      os.environ.clear()
+      os.environ.update(saved)
     outputs = [o for cell in notebook.cells if cell.cell_type == 'code'
                for o in cell.get('outputs', [])]
     texts = ''.join(o.get('text', '') + str(o.get('data', {}).get('text/plain', ''))
                     for o in outputs)
     self.assertIn('test_accuracy', texts)
+    self.assertIn("'num_devices': 2", texts)
+    self.assertIn("'parallel': 'data'", texts)
     self.assertTrue(any('image/png' in o.get('data', {}) for o in outputs))
 
 

@@ -1,0 +1,135 @@
+"""The command line on several devices and processes: --parallel=data|blocks, multi-process flags.
+
+Each run is a fresh process with its own emulated CPU devices
+(--xla_force_host_platform_device_count), so the device count can differ per run.
+The library-level equalities (bitwise pipeline, sharded step) are in test_parallel.py;
+here the runs' losses must agree with a one-device run of the same computation.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from absl.testing import absltest
+import numpy as np
+
+from test_main import REPO, run_main
+
+# 1437 digits for training: 44 steps of 32 or 89 of 16 per epoch. No augmentation and
+# no warm-up, so a batch of 32 cut into 2 micro-batches is the same data, at nearly the
+# same learning rate (cosine over 12 x 88 against 12 x 89 steps), as two batches of 16.
+SMALL = ('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2', '--noaugment',
+         '--warmup_epochs=0', '--checkpoint_every=0')
+
+
+def _devices_env(count: int) -> dict:
+  return {'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') +
+                       f' --xla_force_host_platform_device_count={count}'}
+
+
+def _results(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def _stderr_lines(proc):
+  return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+class ParallelCommandLineTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.reference_dir = os.path.join(absltest.get_default_test_tmpdir(), 'one_device')
+    proc = run_main(*SMALL, '--batch_size=32', '--max_steps=4', '--parallel=none',
+                    f'--workdir={cls.reference_dir}', '--overwrite')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cls.reference = _results(cls.reference_dir)
+
+  def assert_same_training(self, results, reference, rtol=1e-4):
+    np.testing.assert_allclose(results['block_train_loss'], reference['block_train_loss'],
+                               rtol=rtol)
+    np.testing.assert_allclose(results['block_train_accuracy'],
+                               reference['block_train_accuracy'], atol=1 / 128 + 1e-6)
+
+  def test_data_parallel_on_4_devices_matches_one_device(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_main(*SMALL, '--batch_size=32', '--max_steps=4', f'--workdir={workdir}',
+                    env=_devices_env(4))  # --parallel=auto: data, as there are 4 devices.
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('engine data on 4 device(s)', proc.stdout)
+    results = _results(workdir)
+    self.assertEqual((results['parallel'], results['num_devices'], results['num_processes']),
+                     ('data', 4, 1))
+    self.assert_same_training(results, self.reference)
+
+  def test_block_parallel_matches_blockwise_steps_on_the_microbatches(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_main(*SMALL, '--batch_size=32', '--max_steps=3', '--parallel=blocks',
+                    '--microbatches=2', f'--workdir={workdir}', env=_devices_env(2))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('engine blocks on 2 device(s)', proc.stdout)
+    results = _results(workdir)
+    self.assertEqual((results['parallel'], results['num_devices']), ('blocks', 2))
+
+    sync_dir = self.create_tempdir().full_path
+    proc = run_main(*SMALL, '--batch_size=16', '--max_steps=6', '--parallel=none',
+                    '--train_step=blockwise', f'--workdir={sync_dir}')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assert_same_training(results, _results(sync_dir))
+    np.testing.assert_allclose(results['block_test_accuracy'],
+                               _results(sync_dir)['block_test_accuracy'], atol=2 / 360)
+
+  def test_two_processes_run_as_one_on_the_global_batch(self):
+    workdir = self.create_tempdir().full_path
+    port = _free_port()
+    environ = {**os.environ, 'PYTHONPATH': REPO, **_devices_env(1)}
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', 'experiments.main', *SMALL, '--batch_size=32', '--max_steps=4',
+         f'--workdir={workdir}', f'--coordinator_address=localhost:{port}',
+         '--num_processes=2', f'--process_id={i}'],
+        cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+      self.assertEqual(proc.returncode, 0, stderr[-3000:])
+    # Process 0 logs and writes; process 1 trains its half of every batch silently.
+    self.assertIn('test accuracy', outputs[0][0])
+    self.assertNotIn('test accuracy', outputs[1][0])
+    results = _results(workdir)
+    self.assertEqual((results['parallel'], results['num_devices'], results['num_processes']),
+                     ('data', 2, 2))
+    self.assert_same_training(results, self.reference)
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, 'checkpoints'))), ['4'])
+
+  def test_block_parallel_refuses_modes_whose_gradients_cross_blocks(self):
+    proc = run_main(*SMALL, '--parallel=blocks', '--mode=deep_supervision', '--max_steps=1',
+                    f'--workdir={self.create_tempdir().full_path}', env=_devices_env(2))
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
+    self.assertIn('needs isolated blocks (mode bwbpf)', proc.stderr)
+
+  def test_indivisible_batches_are_one_line_errors(self):
+    for flags, count, expected in (
+        (('--batch_size=30',), 4, 'cannot be split evenly over 4 devices'),
+        (('--batch_size=30', '--parallel=blocks', '--microbatches=4'), 2,
+         'equal micro-batches'),
+        (('--num_processes=2', '--process_id=2'), 1, '--process_id must be in [0, 2)')):
+      proc = run_main(*SMALL, *flags, '--max_steps=1',
+                      f'--workdir={self.create_tempdir().full_path}', env=_devices_env(count))
+      self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+      self.assertLen(_stderr_lines(proc), 1, proc.stderr)
+      self.assertIn(expected, proc.stderr)
+
+
+if __name__ == '__main__':
+  absltest.main()
