@@ -3,7 +3,9 @@ r"""Tabulates finished runs: one markdown row per workdir, means over seeds.
     python -m experiments.summarize runs/*
 
 Reads each workdir's results.json; runs that differ only in --seed share a row,
-which reports the mean and the per-seed values of the output head's test error.
+which reports the mean and the per-seed values of the output head's test error,
+and per-seed wall time and throughput (which depend on how busy the machine was).
+Runs placed differently on devices (--parallel) get rows of their own.
 """
 
 import collections
@@ -27,23 +29,36 @@ def load(workdirs):
   return runs
 
 
+def _engine(run) -> str:
+  """'none', 'data x8', or 'blocks x2, M=4': how the run was placed on devices."""
+  name = run.get('parallel', 'none')
+  if name == 'none':
+    return name
+  text = f'{name} x{run.get("num_devices", 1)}'
+  return text + f', M={run["config"]["microbatches"]}' if name == 'blocks' else text
+
+
 def table(runs) -> str:
+  """One markdown row per configuration (seeds pooled), per-seed values in brackets."""
   groups = collections.OrderedDict()
-  for run in sorted(runs, key=lambda r: tuple(str(r['config'][k]) for k in _SEED_FREE)):
-    groups.setdefault(tuple(run['config'][k] for k in _SEED_FREE), []).append(run)
-  lines = ['| dataset | arch | mode | K | head | epochs | test error % (mean; per seed) | every head\'s test acc % '
-           '(mean over seeds) | wall time s (mean) | train img/s (mean) |',
-           '|---|---|---|---|---|---|---|---|---|---|']
-  for key, group in groups.items():
+  for run in sorted(runs, key=lambda r: (tuple(str(r['config'][k]) for k in _SEED_FREE),
+                                         _engine(r), r['config']['seed'])):
+    groups.setdefault((tuple(run['config'][k] for k in _SEED_FREE), _engine(run)), []).append(run)
+  lines = ['| dataset | arch | mode | K | head | epochs | engine | test error % (mean; per seed) '
+           '| every head\'s test acc % (mean over seeds) | wall time s (per seed) '
+           '| train img/s (per seed) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for (key, engine), group in groups.items():
     config = dict(zip(_SEED_FREE, key))
     errors = [100 * (1 - r['test_accuracy']) for r in group]
     heads = np.mean([r['block_test_accuracy'] for r in group], axis=0) * 100
+    per_seed = lambda name, fmt: ', '.join(fmt.format(r[name]) for r in group)
     lines.append(
         f'| {config["dataset"]} | {config["arch"]} x{config["width"]} | {config["mode"]} | '
-        f'{config["num_blocks"]} | {config["aux_head"]} | {config["epochs"]} | {np.mean(errors):.2f} ({", ".join(f"{e:.2f}" for e in errors)}) | '
-        f'{" / ".join(f"{h:.1f}" for h in heads)} | '
-        f'{np.mean([r["wall_time_s"] for r in group]):.0f} | '
-        f'{np.mean([r["images_per_sec"] for r in group]):.0f} |')
+        f'{config["num_blocks"]} | {config["aux_head"]} | {config["epochs"]} | {engine} | '
+        f'{np.mean(errors):.2f} ({", ".join(f"{e:.2f}" for e in errors)}) | '
+        f'{" / ".join(f"{h:.1f}" for h in heads)} | {per_seed("wall_time_s", "{:.0f}")} | '
+        f'{per_seed("images_per_sec", "{:.0f}")} |')
   return '\n'.join(lines)
 
 
