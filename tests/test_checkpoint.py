@@ -160,12 +160,16 @@ class CheckpointTest(absltest.TestCase):
     checkpoint.save(manager, 8, state)  # The step can be written again.
     self.assertEqual(checkpoint.steps(manager), [4, 8])
 
-  def test_truncated_data_file_is_a_usage_error_naming_the_checkpoint(self):
+  def _saved_with_largest_data_file(self):
+    """(manager, checkpoint path, its largest array data file) for a fresh checkpoint."""
     manager = self._manager()
     path = checkpoint.save(manager, 4, self.states)
     data_files = [p for p in glob.glob(os.path.join(path, 'state', '**', 'd', '*'),
                                        recursive=True) if os.path.isfile(p)]
-    largest = max(data_files, key=os.path.getsize)
+    return manager, path, max(data_files, key=os.path.getsize)
+
+  def test_truncated_data_file_is_a_usage_error_naming_the_checkpoint(self):
+    manager, path, largest = self._saved_with_largest_data_file()
     with open(largest, 'r+b') as f:
       f.truncate(os.path.getsize(largest) // 2)
     with self.assertRaisesRegex(bw.UsageError, f'checkpoint {path} is unreadable or corrupt'):
@@ -174,11 +178,7 @@ class CheckpointTest(absltest.TestCase):
   def test_flipped_byte_is_caught_by_the_digest(self):
     # A flipped byte inside a compressed chunk can decode without error; the digest
     # saved beside the arrays is what notices.
-    manager = self._manager()
-    path = checkpoint.save(manager, 4, self.states)
-    data_files = [p for p in glob.glob(os.path.join(path, 'state', '**', 'd', '*'),
-                                       recursive=True) if os.path.isfile(p)]
-    largest = max(data_files, key=os.path.getsize)
+    manager, path, largest = self._saved_with_largest_data_file()
     with open(largest, 'r+b') as f:
       data = bytearray(f.read())
       data[len(data) // 2] ^= 0x10
