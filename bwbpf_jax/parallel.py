@@ -154,6 +154,36 @@ def make_data_parallel_train_step(model: PartitionedModel, tx: optax.GradientTra
   return _checked_batch_size(jitted, mesh)
 
 
+def make_data_parallel_blockwise_train_step(model: PartitionedModel,
+                                            tx: optax.GradientTransformation,
+                                            mesh: jax.sharding.Mesh, *,
+                                            skip_nonfinite: bool = False,
+                                            donate: bool = True) -> Callable:
+  """The block-wise bwbpf step (`step.make_blockwise_train_step`) sharded over `mesh`.
+
+  Each block's `step.block_train_step` is jitted with its state replicated and
+  its input, labels and output features split along the batch, so, as on one
+  device, only one block's activations are alive at a time, now on every
+  device. The same global-batch semantics as `make_data_parallel_train_step`
+  hold (mean loss over the global batch, global BatchNorm statistics).
+
+  Raises:
+    UsageError: the model is not in bwbpf mode.
+  """
+  if model.mode != 'bwbpf':
+    raise UsageError(f'the block-wise step needs isolated blocks (mode bwbpf), '
+                     f'not mode {model.mode!r}: in that mode gradients cross blocks')
+  replicated, split = replicated_sharding(mesh), data_sharding(mesh)
+  block_steps = [
+      jax.jit(functools.partial(step_lib.block_train_step, block, tx,
+                                skip_nonfinite=skip_nonfinite),
+              in_shardings=(replicated, split, split),
+              out_shardings=(replicated, split, replicated),
+              donate_argnums=(0,) if donate else ())
+      for block in model.blocks]
+  return _checked_batch_size(step_lib.chain_block_steps(block_steps), mesh)
+
+
 def make_data_parallel_eval_step(model: PartitionedModel, mesh: jax.sharding.Mesh) -> Callable:
   """`step.eval_step` jitted over `mesh`: sums over the global batch, replicated.
 

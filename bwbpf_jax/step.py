@@ -166,10 +166,18 @@ def make_blockwise_train_step(model: PartitionedModel, tx: optax.GradientTransfo
   if model.mode != 'bwbpf':
     raise UsageError(f'the block-wise step needs isolated blocks (mode bwbpf), '
                      f'not mode {model.mode!r}: in that mode gradients cross blocks')
-  block_steps = [
+  return chain_block_steps([
       jax.jit(functools.partial(block_train_step, block, tx, skip_nonfinite=skip_nonfinite),
               donate_argnums=(0,) if donate else ())
-      for block in model.blocks]
+      for block in model.blocks])
+
+
+def chain_block_steps(block_steps):
+  """(block_states, batch) -> (block_states, metrics [K]) from K jitted `block_train_step`s.
+
+  Each call gets the previous block's detached output; how the calls are jitted
+  (one device, or sharded over a mesh) is the caller's choice.
+  """
 
   def step(block_states, batch: Batch):
     x, labels, new_states, metrics = batch['image'], batch['label'], [], []

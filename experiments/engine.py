@@ -3,10 +3,10 @@
 The loop in train.py is the same for every engine; only placement differs.
 
 - 'none': one device; the fused step, or for bwbpf the block-wise one (less memory).
-- 'data': the fused step jitted over a mesh of all devices (every process's),
-  states replicated, each global batch split along the mesh; each process
-  feeds its own slice of the batch. Equal to 'none' on the global batch up to
-  the order of floating-point sums.
+- 'data': the same step (block-wise for bwbpf, else fused) jitted over a mesh
+  of all devices (every process's), states replicated, each global batch split
+  along the mesh; each process feeds its own slice of the batch. Equal to
+  'none' on the global batch up to the order of floating-point sums.
 - 'blocks': block k's state on local device k mod D, a pipeline over
   `config.microbatches` micro-batches (bwbpf only, one process). Every
   micro-batch is an optimizer step, so the schedule is built for
@@ -61,13 +61,18 @@ def make_engine(config: Config, model, tx) -> Engine:
     return _data_engine(config, model, tx)
   if kind == 'blocks':
     return _blocks_engine(config, model, tx)
-  use_blockwise = config.train_step == 'blockwise' or (
-      config.train_step == 'auto' and config.mode == 'bwbpf' and model.num_blocks > 1)
-  train_step = (bw.make_blockwise_train_step(model, tx, skip_nonfinite=skip) if use_blockwise
+  train_step = (bw.make_blockwise_train_step(model, tx, skip_nonfinite=skip)
+                if _use_blockwise(config, model)
                 else bw.make_train_step(model, tx, skip_nonfinite=skip))
   return Engine(name='none', num_devices=1, put_states=jax.device_put,
                 put_batch=jax.device_put, train_step=train_step,
                 eval_step=bw.make_eval_step(model))
+
+
+def _use_blockwise(config: Config, model) -> bool:
+  """One jitted call per block (less memory) for bwbpf, unless the fused step is asked for."""
+  return config.train_step == 'blockwise' or (
+      config.train_step == 'auto' and config.mode == 'bwbpf' and model.num_blocks > 1)
 
 
 def _data_engine(config: Config, model, tx) -> Engine:
@@ -75,15 +80,13 @@ def _data_engine(config: Config, model, tx) -> Engine:
   if config.batch_size % mesh.size:
     raise bw.UsageError(f'--batch_size={config.batch_size} cannot be split evenly over '
                         f'{mesh.size} devices (--parallel=data); use a multiple of {mesh.size}')
-  if config.train_step == 'blockwise':
-    raise bw.UsageError('--train_step=blockwise runs on one device; --parallel=data uses the '
-                        'fused step (or use --parallel=blocks)')
+  make_step = (parallel.make_data_parallel_blockwise_train_step
+               if _use_blockwise(config, model) else parallel.make_data_parallel_train_step)
   return Engine(
       name='data', num_devices=mesh.size,
       put_states=lambda states: parallel.replicate(states, mesh),
       put_batch=lambda batch: parallel.shard_batch(batch, mesh),
-      train_step=parallel.make_data_parallel_train_step(
-          model, tx, mesh, skip_nonfinite=config.skip_nonfinite),
+      train_step=make_step(model, tx, mesh, skip_nonfinite=config.skip_nonfinite),
       eval_step=parallel.make_data_parallel_eval_step(model, mesh))
 
 

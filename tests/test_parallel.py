@@ -251,6 +251,23 @@ class MultiDeviceTest(parameterized.TestCase):
         sharded_eval(sharded_states, parallel.shard_batch(masked, mesh)),
         bw.make_eval_step(model)(single_states, masked), rtol=1e-5)
 
+  def test_sharded_blockwise_step_equals_single_device_blockwise_step(self):
+    model, tx, states = _setup(2)
+    mesh = parallel.make_mesh(NUM_DEVICES)
+    sharded_step = parallel.make_data_parallel_blockwise_train_step(model, tx, mesh)
+    single_step = bw.make_blockwise_train_step(model, tx)
+    sharded_states, single_states = parallel.replicate(states, mesh), _copy(states)
+    for seed in range(2):
+      sharded_states, sharded_metrics = sharded_step(
+          sharded_states, parallel.shard_batch(_batch(seed=seed), mesh))
+      single_states, single_metrics = single_step(single_states, _batch(seed=seed))
+    for leaf in jax.tree_util.tree_leaves(sharded_states):
+      self.assertEqual(leaf.sharding, parallel.replicated_sharding(mesh))
+    chex.assert_trees_all_close(sharded_states, single_states, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(sharded_metrics, single_metrics, rtol=1e-5)
+    with self.assertRaisesRegex(UsageError, 'multiple of 8'):
+      sharded_step(sharded_states, _batch(size=12))
+
   def test_gradient_isolation_holds_through_the_sharded_function(self):
     model, _, states = _setup(2)
     mesh = parallel.make_mesh(NUM_DEVICES)
