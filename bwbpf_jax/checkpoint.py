@@ -46,7 +46,15 @@ def make_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=False,
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _RECORD))
+  manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _RECORD))
+  # The manager removes unfinished writes of earlier runs in a background thread and
+  # waits for it only before its first save; `close()` does not. A run that stops
+  # before saving (a usage error found after this point) would exit while that thread
+  # still schedules work, and print a traceback after its one-line error. Wait now.
+  await_cleanup = getattr(manager, '_maybe_await_cleanup_tmp_directory', None)
+  if await_cleanup is not None:
+    await_cleanup()
+  return manager
 
 
 def steps(manager: ocp.CheckpointManager) -> list:

@@ -44,10 +44,10 @@ def table(runs) -> str:
   for run in sorted(runs, key=lambda r: (tuple(str(r['config'][k]) for k in _SEED_FREE),
                                          _engine(r), r['config']['seed'])):
     groups.setdefault((tuple(run['config'][k] for k in _SEED_FREE), _engine(run)), []).append(run)
-  lines = ['| dataset | arch | mode | K | head | epochs | engine | test error % (mean; per seed) '
+  lines = ['| dataset | arch | mode | K | head | epochs | batch | engine | test error % (mean; per seed) '
            '| every head\'s test acc % (mean over seeds) | wall time s (per seed) '
            '| train img/s (per seed) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for (key, engine), group in groups.items():
     config = dict(zip(_SEED_FREE, key))
     errors = [100 * (1 - r['test_accuracy']) for r in group]
@@ -55,7 +55,8 @@ def table(runs) -> str:
     per_seed = lambda name, fmt: ', '.join(fmt.format(r[name]) for r in group)
     lines.append(
         f'| {config["dataset"]} | {config["arch"]} x{config["width"]} | {config["mode"]} | '
-        f'{config["num_blocks"]} | {config["aux_head"]} | {config["epochs"]} | {engine} | '
+        f'{config["num_blocks"]} | {config["aux_head"]} | {config["epochs"]} | '
+        f'{config["batch_size"]} | {engine} | '
         f'{np.mean(errors):.2f} ({", ".join(f"{e:.2f}" for e in errors)}) | '
         f'{" / ".join(f"{h:.1f}" for h in heads)} | {per_seed("wall_time_s", "{:.0f}")} | '
         f'{per_seed("images_per_sec", "{:.0f}")} |')

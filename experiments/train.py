@@ -182,12 +182,12 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
                          momentum=config.momentum, weight_decay=config.weight_decay,
                          warmup_steps=config.warmup_epochs * steps_per_epoch * updates_per_batch)
 
+  engine = make_engine(config, model, tx)  # Checks the device setup before anything is saved.
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:
     start_step = _resume_step(manager, resume_from)
     if start_step is not None and start_step >= last_step:
       return _already_finished(workdir, start_step, last_step, log)
-    engine = make_engine(config, model, tx)
     if start_step is None:
       states = bw.init_block_states(model, tx, jax.random.key(config.seed), image_shape)
       loop = LoopState()

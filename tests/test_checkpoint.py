@@ -151,6 +151,8 @@ class CheckpointTest(absltest.TestCase):
     self.assertTrue(all(name.startswith('8.orbax-checkpoint-tmp') for name in leftovers),
                     leftovers)
     manager = checkpoint.make_manager(directory)
+    # Removed before make_manager returns (not in a thread still running at exit).
+    self.assertEqual(os.listdir(directory), ['4'])
     self.assertEqual(checkpoint.steps(manager), [4])
     self.assertEqual(manager.latest_step(), 4)
     state = {'w': np.arange(6, dtype=np.float32)}
