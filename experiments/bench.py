@@ -10,6 +10,14 @@ needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
+
+Model FLOP utilisation: model_flops_per_image is 3x the forward pass of the
+backbone and every head (XLA's cost analysis of the inference forward; the
+backward costs about twice the forward), the same count for every mode, so
+modes compare on work done for the user. mfu divides model FLOP/s by the
+device's dense peak for the dtype (`--peak_tflops`, or a table of known
+accelerators; float32 counts the TF32 tensor-core peak, which XLA uses for
+float32 convolutions on NVIDIA GPUs at the default precision).
 `--compare_torch` adds the PyTorch peer of each mode (experiments/torch_peer.py;
 needs `pip install torch==2.13.0`).
 """
@@ -42,9 +50,50 @@ flags.DEFINE_enum('train_step', 'auto', ('auto', 'fused', 'blockwise'),
                   'bwbpf step variant; auto: blockwise for bwbpf (as experiments.main).')
 flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'), 'Computation dtype.')
 flags.DEFINE_integer('steps', 5, 'Timed steps after one compile step.')
+flags.DEFINE_float('peak_tflops', None, 'Dense peak TFLOP/s of the device for --dtype, for '
+                   'mfu; default: PEAK_TFLOPS for known accelerators.')
 flags.DEFINE_bool('compare_torch', False, 'Also measure the PyTorch peer of each mode.')
 flags.DEFINE_string('worker', None, 'Internal: measure this one mode in this process.')
 flags.DEFINE_enum('framework', 'jax', ('jax', 'torch'), 'Internal: worker framework.')
+
+
+# Dense (no sparsity) datasheet peaks, TFLOP/s, by device_kind prefix and dtype.
+PEAK_TFLOPS = {
+    'NVIDIA H100': {'bfloat16': 989.4, 'float32': 494.7},
+    'NVIDIA H200': {'bfloat16': 989.4, 'float32': 494.7},
+    'NVIDIA A100': {'bfloat16': 312.0, 'float32': 156.0},
+    'TPU v4': {'bfloat16': 275.0, 'float32': 275.0},
+    'TPU v5 lite': {'bfloat16': 197.0, 'float32': 197.0},
+    'TPU v5p': {'bfloat16': 459.0, 'float32': 459.0},
+    'TPU v6 lite': {'bfloat16': 918.0, 'float32': 918.0},
+}
+
+
+def peak_tflops(device_kind: str, dtype: str):
+  """The device's dense peak for `dtype`, or None when unknown (then no mfu is printed)."""
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops
+  for prefix, peaks in PEAK_TFLOPS.items():
+    if device_kind.startswith(prefix):
+      return peaks[dtype]
+  return None
+
+
+def forward_flops(model, states, images) -> float:
+  """XLA's FLOP count of one inference forward pass through every block and head."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def forward(states, x):
+    for block, state in zip(model.blocks, states):
+      x, _ = block.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                         train=False)
+    return x
+
+  # The lowered (pre-optimisation) HLO: after GPU compilation convolutions become
+  # library calls that the compiled module's cost analysis no longer counts.
+  cost = jax.jit(forward).lower(states, images).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) if cost else 0.0
 
 
 def _memory_bytes(compiled) -> int:
@@ -105,11 +154,18 @@ def measure_jax(mode: str) -> dict:
     states, metrics = step(states, batch)
     jax.block_until_ready((states, metrics))
     times.append(time.perf_counter() - start)
+  images_per_sec = FLAGS.batch_size / statistics.median(times)
+  model_flops_per_image = 3 * forward_flops(model, states, batch['image']) / FLAGS.batch_size
+  device_kind = jax.devices()[0].device_kind
+  peak = peak_tflops(device_kind, FLAGS.dtype)
   return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused',
-          'images_per_sec': FLAGS.batch_size / statistics.median(times),
+          'images_per_sec': images_per_sec,
+          'model_flops_per_image': model_flops_per_image,
+          'model_tflops_per_sec': images_per_sec * model_flops_per_image / 1e12,
+          'mfu': (images_per_sec * model_flops_per_image / (peak * 1e12)) if peak else None,
           'cpu_seconds_per_step': (_cpu_seconds() - cpu_start) / FLAGS.steps,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
-          'device': jax.devices()[0].device_kind}
+          'device': device_kind}
 
 
 def _worker(mode: str):
@@ -134,7 +190,8 @@ def _run_worker(mode: str, framework: str) -> int:
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()
               if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
-                          'num_blocks', 'train_step', 'dtype', 'steps')]
+                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops')
+              and value is not None]
   proc = subprocess.run(argv, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
