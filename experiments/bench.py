@@ -12,7 +12,7 @@ cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
 
 Model FLOP utilisation: model_flops_per_image is 3x the forward pass of the
-backbone and every head (XLA's cost analysis of the inference forward; the
+backbone and every head (XLA's cost analysis of eval_step, the inference forward; the
 backward costs about twice the forward), the same count for every mode, so
 modes compare on work done for the user. mfu divides model FLOP/s by the
 device's dense peak for the dtype (`--peak_tflops`, or a table of known
@@ -22,6 +22,7 @@ float32 convolutions on NVIDIA GPUs at the default precision).
 needs `pip install torch==2.13.0`).
 """
 
+import functools
 import json
 import os
 import resource
@@ -69,29 +70,25 @@ PEAK_TFLOPS = {
 }
 
 
-def peak_tflops(device_kind: str, dtype: str):
-  """The device's dense peak for `dtype`, or None when unknown (then no mfu is printed)."""
-  if FLAGS.peak_tflops:
-    return FLAGS.peak_tflops
+def peak_tflops(device_kind: str, dtype: str, override=None):
+  """`override`, else the device's dense peak for `dtype`, else None (then no mfu)."""
+  if override:
+    return override
   for prefix, peaks in PEAK_TFLOPS.items():
     if device_kind.startswith(prefix):
       return peaks[dtype]
   return None
 
 
-def forward_flops(model, states, images) -> float:
-  """XLA's FLOP count of one inference forward pass through every block and head."""
+def forward_flops(model, states, batch) -> float:
+  """XLA's FLOP count of `eval_step`: one inference forward through every block and head."""
   import jax  # pylint: disable=g-import-not-at-top
-
-  def forward(states, x):
-    for block, state in zip(model.blocks, states):
-      x, _ = block.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                         train=False)
-    return x
+  from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 
   # The lowered (pre-optimisation) HLO: after GPU compilation convolutions become
   # library calls that the compiled module's cost analysis no longer counts.
-  cost = jax.jit(forward).lower(states, images).cost_analysis()
+  lowered = jax.jit(functools.partial(step_lib.eval_step, model)).lower(states, batch)
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0)) if cost else 0.0
 
@@ -155,9 +152,9 @@ def measure_jax(mode: str) -> dict:
     jax.block_until_ready((states, metrics))
     times.append(time.perf_counter() - start)
   images_per_sec = FLAGS.batch_size / statistics.median(times)
-  model_flops_per_image = 3 * forward_flops(model, states, batch['image']) / FLAGS.batch_size
+  model_flops_per_image = 3 * forward_flops(model, states, batch) / FLAGS.batch_size
   device_kind = jax.devices()[0].device_kind
-  peak = peak_tflops(device_kind, FLAGS.dtype)
+  peak = peak_tflops(device_kind, FLAGS.dtype, FLAGS.peak_tflops)
   return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused',
           'images_per_sec': images_per_sec,
           'model_flops_per_image': model_flops_per_image,

@@ -28,8 +28,9 @@ def test_forward_flops_counts_the_convolutions():
   model = bw.build_model('vgg11', num_classes=10, num_blocks=4, width=0.25)
   tx = bw.make_optimizer('sgd', total_steps=10)
   states = bw.abstract_block_states(model, tx, (2, 32, 32, 3))
-  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  counted = bench.forward_flops(model, states, images) / 2
+  batch = {'image': jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+           'label': jax.ShapeDtypeStruct((2,), jnp.int32)}
+  counted = bench.forward_flops(model, states, batch) / 2
   # The CPU's im2col path (maps smaller than the kernel) multiplies the padding zeros too;
   # BatchNorm, ReLU, pooling and the heads add a little.
   assert _vgg11_conv_flops(0.25, 32, False) <= counted
