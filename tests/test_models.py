@@ -1,6 +1,8 @@
 """Architectures: output shapes and parameter counts of the standard networks."""
 
 from absl.testing import parameterized
+import chex
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -82,11 +84,6 @@ class ShapeTest(parameterized.TestCase):
       bw.build_model('resnet18', num_classes=10, stem='patchify')
 
 
-if __name__ == '__main__':
-  from absl.testing import absltest
-  absltest.main()
-
-
 class SmallMapConvolutionTest(parameterized.TestCase):
   """The CPU im2col path for maps smaller than the kernel matches lax.conv exactly enough."""
 
@@ -103,7 +100,6 @@ class SmallMapConvolutionTest(parameterized.TestCase):
         x, w, (1, 1), padding, dimension_numbers=numbers)))
     reference = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(
         x, w, (1, 1), padding, dimension_numbers=numbers)))
-    import chex  # pylint: disable=g-import-not-at-top
     chex.assert_trees_all_close(jax.jit(jax.value_and_grad(ours, (0, 1)))(x, w),
                                 jax.jit(jax.value_and_grad(reference, (0, 1)))(x, w),
                                 rtol=1e-5, atol=1e-5)
@@ -120,3 +116,36 @@ class SmallMapConvolutionTest(parameterized.TestCase):
     for platform in ('cuda', 'tpu'):
       self.assertIn('convolution', lowered[platform])
       self.assertNotIn('dot_general', lowered[platform])
+
+
+class MaxPoolTest(parameterized.TestCase):
+  """The CPU max-pool (a max over a reshaped view) is nn.max_pool in values and gradients."""
+
+  @parameterized.parameters((4, 6), (5, 7), (2, 2))
+  def test_values_and_gradients_match_flax(self, height, width):
+    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+    x = jax.random.normal(jax.random.key(0), (3, height, width, 4))  # No ties.
+    ours = lambda x: jnp.sum(jnp.sin(layers.max_pool_2x2(x)))
+    reference = lambda x: jnp.sum(jnp.sin(nn.max_pool(x, (2, 2), strides=(2, 2))))
+    chex.assert_trees_all_close(jax.jit(jax.value_and_grad(ours))(x),
+                                jax.jit(jax.value_and_grad(reference))(x), rtol=1e-6, atol=1e-6)
+
+  def test_tied_zeros_behind_relu_get_the_same_gradient(self):
+    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))  # About a quarter of windows all <= 0.
+    ours = lambda x: jnp.sum(jnp.cos(layers.max_pool_2x2(nn.relu(x))))
+    reference = lambda x: jnp.sum(jnp.cos(nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))))
+    chex.assert_trees_all_close(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-6, atol=1e-6)
+
+  def test_accelerators_keep_reduce_window(self):
+    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+    lowered = {platform: jax.jit(layers.max_pool_2x2).trace(jnp.zeros((2, 4, 4, 3))).lower(
+        lowering_platforms=(platform,)).as_text() for platform in ('cpu', 'cuda', 'tpu')}
+    self.assertNotIn('reduce_window', lowered['cpu'])
+    for platform in ('cuda', 'tpu'):
+      self.assertIn('reduce_window', lowered[platform])
+
+
+if __name__ == '__main__':
+  from absl.testing import absltest
+  absltest.main()
