@@ -37,12 +37,16 @@ from bwbpf_jax import step as step_lib
 from bwbpf_jax.models import layers
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('arch', 'vgg19', 'Architecture.')
-flags.DEFINE_float('width', 0.5, 'Channel multiplier.')
-flags.DEFINE_integer('batch_size', 128, 'Batch size.')
-flags.DEFINE_integer('image_size', 32, 'Image side.')
-flags.DEFINE_integer('repeats', 5, 'Timed calls per kernel after one warm-up call.')
-flags.DEFINE_bool('compare_torch', False, 'Also time PyTorch (needs `pip install torch`).')
+
+
+def _define_flags():
+  """Defined when run as a program only, so importing this module adds no global flags."""
+  flags.DEFINE_string('arch', 'vgg19', 'Architecture.')
+  flags.DEFINE_float('width', 0.5, 'Channel multiplier.')
+  flags.DEFINE_integer('batch_size', 128, 'Batch size.')
+  flags.DEFINE_integer('image_size', 32, 'Image side.')
+  flags.DEFINE_integer('repeats', 5, 'Timed calls per kernel after one warm-up call.')
+  flags.DEFINE_bool('compare_torch', False, 'Also time PyTorch (needs `pip install torch`).')
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -152,4 +156,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
