@@ -69,11 +69,11 @@ def scaled(channels: int, width: float) -> int:
   return max(1, int(round(channels * width)))
 
 
-def _max_pool_2x2_by_reshape(x):
-  """2x2/2 max-pool as a max over a [B, H/2, 2, W/2, 2, C] view (odd edges dropped)."""
-  batch, height, width, channels = x.shape
-  x = x[:, :height - height % 2, :width - width % 2]
-  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+def _max_pool_2x2_by_slices(x):
+  """2x2/2 max-pool as the elementwise max of the four strided sub-grids (odd edges dropped)."""
+  height, width = x.shape[1] - x.shape[1] % 2, x.shape[2] - x.shape[2] % 2
+  corners = [x[:, i:height:2, j:width:2] for i in (0, 1) for j in (0, 1)]
+  return jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
 
 
 def max_pool_2x2(x):
@@ -81,12 +81,15 @@ def max_pool_2x2(x):
 
   XLA:CPU differentiates a reduce-window max-pool through a variadic
   reduce-window over four index tensors and a scatter, about a fifth of a
-  VGG-19 (width 0.5) train step there. On CPU the pool is a max over a reshaped
-  view instead, whose gradient is elementwise and fuses with its neighbours.
-  Values are identical; gradients differ only where a window holds tied maxima
-  (shared equally instead of given to the first), which behind a ReLU are zeros
-  whose gradient the ReLU stops anyway. GPU and TPU keep `nn.max_pool`.
+  VGG-19 (width 0.5) train step there. On CPU the pool is the elementwise max of
+  the window's four strided sub-grids instead, whose gradient is elementwise and
+  fuses with its neighbours. (It slices only H and W, so it shards along the
+  batch like any elementwise op; a max over a [B, H/2, 2, W/2, 2, C] reshape
+  made the data-parallel step differ from the one-device step.) Values are
+  identical; gradients differ only where a window holds tied maxima (shared
+  instead of given to the first), which behind a ReLU are zeros whose gradient
+  the ReLU stops anyway. GPU and TPU keep `nn.max_pool`.
   """
   return lax.platform_dependent(
-      x, cpu=_max_pool_2x2_by_reshape,
+      x, cpu=_max_pool_2x2_by_slices,
       default=functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2)))
