@@ -19,6 +19,7 @@ import json
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 from experiments import xla_defaults
 
@@ -49,29 +50,41 @@ def _define_flags():
   flags.DEFINE_bool('compare_torch', False, 'Also time PyTorch (needs `pip install torch`).')
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+_KERNELS = ('forward', 'input_grad', 'weight_grad')
+
+
+class ConvShape(NamedTuple):
+  """One distinct convolution of a network, and how often the network runs it."""
+  input: tuple  # [B, H, W, C_in]
+  kernel: tuple  # [kh, kw, C_in, C_out]
+  output: tuple  # [B, H', W', C_out]
+  stride: tuple
+  padding: tuple  # ((top, bottom), (left, right))
+  count: int
 
 
 def conv_shapes(arch: str, width: float, batch_size: int, image_size: int) -> list:
-  """[(input shape, kernel shape, stride, padding, count)] of the network's convolutions."""
+  """The network's convolutions (`ConvShape`s), read off one abstract inference forward."""
   model = bw.build_model(arch, num_classes=10, num_blocks=1, mode='bp', width=width)
   image_shape = (batch_size, image_size, image_size, 3)
   states = bw.abstract_block_states(model, bw.make_optimizer('sgd', total_steps=1), image_shape)
-  seen = {}
+  counts = {}
 
   def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
     module = context.module
     if isinstance(module, nn.Conv) and context.method_name == '__call__':
       x = args[0]
-      kernel = (*module.kernel_size, x.shape[-1], module.features)
-      key = (tuple(x.shape), kernel, tuple(module.strides), tuple(map(tuple, module.padding)))
-      seen[key] = seen.get(key, 0) + 1
-    return next_fun(*args, **kwargs)
+      key = (tuple(x.shape), (*module.kernel_size, x.shape[-1], module.features),
+             tuple(y.shape), tuple(module.strides), tuple(map(tuple, module.padding)))
+      counts[key] = counts.get(key, 0) + 1
+    return y
 
   batch = {'image': jax.ShapeDtypeStruct(image_shape, jnp.float32),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   with nn.intercept_methods(record):
     jax.eval_shape(functools.partial(step_lib.eval_step, model), states, batch)
-  return [(*key, count) for key, count in seen.items()]
+  return [ConvShape(*key, count) for key, count in counts.items()]
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -123,32 +136,33 @@ def time_torch(x, w, dy, stride, padding, repeats):
 
 def main(argv):
   del argv
-  totals = {'jax': dict.fromkeys(('forward', 'input_grad', 'weight_grad'), 0.0)}
-  if FLAGS.compare_torch:
-    totals['torch'] = dict.fromkeys(('forward', 'input_grad', 'weight_grad'), 0.0)
+  frameworks = ('jax', 'torch') if FLAGS.compare_torch else ('jax',)
   rng = np.random.default_rng(0)
-  for x_shape, w_shape, stride, padding, count in conv_shapes(
-      FLAGS.arch, FLAGS.width, FLAGS.batch_size, FLAGS.image_size):
-    x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
-    w = jnp.asarray(rng.standard_normal(w_shape, np.float32) / np.sqrt(np.prod(w_shape[:3])))
-    y_shape = jax.eval_shape(
-        lambda x, w, s=stride, p=padding: layers.conv_general_dilated(
-            x, w, s, p, dimension_numbers=_NHWC), x, w).shape
-    dy = jnp.asarray(rng.standard_normal(y_shape, np.float32))
-    line = {'input': list(x_shape), 'kernel': list(w_shape), 'stride': list(stride),
-            'count': count, 'forward_gflop': 2 * np.prod(y_shape) * np.prod(w_shape[:3]) / 1e9}
-    line['jax_ms'], jax_weight_grad = time_jax(x, w, dy, stride, padding, FLAGS.repeats)
+  lines = []
+  for shape in conv_shapes(FLAGS.arch, FLAGS.width, FLAGS.batch_size, FLAGS.image_size):
+    x = jnp.asarray(rng.standard_normal(shape.input, np.float32))
+    fan_in = np.prod(shape.kernel[:3])
+    w = jnp.asarray(rng.standard_normal(shape.kernel, np.float32) / np.sqrt(fan_in))
+    dy = jnp.asarray(rng.standard_normal(shape.output, np.float32))
+    line = {'input': list(shape.input), 'kernel': list(shape.kernel),
+            'stride': list(shape.stride), 'count': shape.count,
+            'forward_gflop': 2 * np.prod(shape.output) * fan_in / 1e9}
+    line['jax_ms'], jax_weight_grad = time_jax(x, w, dy, shape.stride, shape.padding,
+                                               FLAGS.repeats)
     if FLAGS.compare_torch:
-      line['torch_ms'], torch_weight_grad = time_torch(x, w, dy, stride, padding, FLAGS.repeats)
+      line['torch_ms'], torch_weight_grad = time_torch(x, w, dy, shape.stride, shape.padding,
+                                                       FLAGS.repeats)
       line['weight_grad_max_rel_diff'] = float(
           np.max(np.abs(jax_weight_grad - torch_weight_grad)) / np.max(np.abs(torch_weight_grad)))
-    for framework, total in totals.items():
-      for kernel, ms in line[f'{framework}_ms'].items():
-        total[kernel] += count * ms
     print(json.dumps(line), flush=True)
+    lines.append(line)
+  total_ms = {}
+  for framework in frameworks:
+    total_ms[framework] = {kernel: sum(l['count'] * l[f'{framework}_ms'][kernel] for l in lines)
+                           for kernel in _KERNELS}
+    total_ms[framework]['all'] = sum(total_ms[framework].values())
   summary = {'arch': FLAGS.arch, 'width': FLAGS.width, 'batch_size': FLAGS.batch_size,
-             'total_ms': {framework: {**total, 'all': sum(total.values())}
-                          for framework, total in totals.items()}}
+             'total_ms': total_ms}
   if FLAGS.compare_torch:
     summary['jax_over_torch_time'] = (summary['total_ms']['jax']['all']
                                       / summary['total_ms']['torch']['all'])

@@ -14,17 +14,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_vgg11_shapes_follow_the_stages():
   shapes = layer_bench.conv_shapes('vgg11', width=0.25, batch_size=2, image_size=32)
-  assert sum(count for *_, count in shapes) == 8
-  assert [(x[1], w[2], w[3], n) for x, w, _, _, n in shapes] == [
+  assert sum(s.count for s in shapes) == 8
+  assert [(s.input[1], s.kernel[2], s.kernel[3], s.count) for s in shapes] == [
       (32, 3, 16, 1), (16, 16, 32, 1), (8, 32, 64, 1), (8, 64, 64, 1),
       (4, 64, 128, 1), (4, 128, 128, 1), (2, 128, 128, 2)]
 
 
 def test_resnet18_counts_strided_and_projection_convolutions():
   shapes = layer_bench.conv_shapes('resnet18', width=0.25, batch_size=2, image_size=32)
-  assert sum(count for *_, count in shapes) == 20  # Stem, 16 in residual units, 3 projections.
-  assert sum(count for _, w, stride, _, count in shapes if w[:2] == (1, 1)) == 3
-  assert sum(count for _, _, stride, _, count in shapes if stride == (2, 2)) == 6
+  assert sum(s.count for s in shapes) == 20  # Stem, 16 in residual units, 3 projections.
+  assert sum(s.count for s in shapes if s.kernel[:2] == (1, 1)) == 3
+  assert sum(s.count for s in shapes if s.stride == (2, 2)) == 6
 
 
 def test_jax_and_torch_compute_the_same_kernel_gradient():

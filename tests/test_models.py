@@ -4,11 +4,13 @@ from absl.testing import parameterized
 import chex
 from flax import linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
 import bwbpf_jax as bw
 from bwbpf_jax.errors import UsageError
+from bwbpf_jax.models import layers
 
 
 def _shapes_and_count(arch, stem, image_size, num_classes, width=1.0, num_blocks=4):
@@ -89,8 +91,6 @@ class SmallMapConvolutionTest(parameterized.TestCase):
 
   @parameterized.parameters((1, 1), (2, 2), (2, 1))
   def test_values_and_gradients_match_lax(self, height, width):
-    from jax import lax  # pylint: disable=g-import-not-at-top
-    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
     key_x, key_w = jax.random.split(jax.random.key(0))
     x = jax.random.normal(key_x, (3, height, width, 5))
     w = jax.random.normal(key_w, (3, 3, 5, 7))
@@ -105,7 +105,6 @@ class SmallMapConvolutionTest(parameterized.TestCase):
                                 rtol=1e-5, atol=1e-5)
 
   def test_accelerators_keep_the_plain_convolution(self):
-    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
     conv = layers.conv(8, 3, use_bias=False, dtype=jnp.float32)
     x = jnp.zeros((2, 2, 2, 4))
     variables = conv.init(jax.random.key(0), x)
@@ -119,11 +118,10 @@ class SmallMapConvolutionTest(parameterized.TestCase):
 
 
 class MaxPoolTest(parameterized.TestCase):
-  """The CPU max-pool (a max over a reshaped view) is nn.max_pool in values and gradients."""
+  """The CPU max-pool (max of the four strided sub-grids) is nn.max_pool in values and gradients."""
 
   @parameterized.parameters((4, 6), (5, 7), (2, 2))
   def test_values_and_gradients_match_flax(self, height, width):
-    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
     x = jax.random.normal(jax.random.key(0), (3, height, width, 4))  # No ties.
     ours = lambda x: jnp.sum(jnp.sin(layers.max_pool_2x2(x)))
     reference = lambda x: jnp.sum(jnp.sin(nn.max_pool(x, (2, 2), strides=(2, 2))))
@@ -131,14 +129,12 @@ class MaxPoolTest(parameterized.TestCase):
                                 jax.jit(jax.value_and_grad(reference))(x), rtol=1e-6, atol=1e-6)
 
   def test_tied_zeros_behind_relu_get_the_same_gradient(self):
-    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))  # About a quarter of windows all <= 0.
     ours = lambda x: jnp.sum(jnp.cos(layers.max_pool_2x2(nn.relu(x))))
     reference = lambda x: jnp.sum(jnp.cos(nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))))
     chex.assert_trees_all_close(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-6, atol=1e-6)
 
   def test_accelerators_keep_reduce_window(self):
-    from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
     lowered = {platform: jax.jit(layers.max_pool_2x2).trace(jnp.zeros((2, 4, 4, 3))).lower(
         lowering_platforms=(platform,)).as_text() for platform in ('cpu', 'cuda', 'tpu')}
     self.assertNotIn('reduce_window', lowered['cpu'])
