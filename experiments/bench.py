@@ -84,10 +84,13 @@ def forward_flops(model, states, batch) -> float:
   """XLA's FLOP count of `eval_step`: one inference forward through every block and head."""
   import jax  # pylint: disable=g-import-not-at-top
   from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   # The lowered (pre-optimisation) HLO: after GPU compilation convolutions become
-  # library calls that the compiled module's cost analysis no longer counts.
-  lowered = jax.jit(functools.partial(step_lib.eval_step, model)).lower(states, batch)
+  # library calls that the compiled module's cost analysis no longer counts. For
+  # the same reason the count is traced with XLA's convolutions, not oneDNN's.
+  with layers.xla_convolutions():
+    lowered = jax.jit(functools.partial(step_lib.eval_step, model)).lower(states, batch)
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0)) if cost else 0.0
@@ -119,6 +122,7 @@ def measure_jax(mode: str) -> dict:
 
   import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
   from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
                          mode=mode, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype))
@@ -162,7 +166,9 @@ def measure_jax(mode: str) -> dict:
           'mfu': (images_per_sec * model_flops_per_image / (peak * 1e12)) if peak else None,
           'cpu_seconds_per_step': (_cpu_seconds() - cpu_start) / FLAGS.steps,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
-          'device': device_kind}
+          'device': device_kind,
+          'convolutions': ('onednn' if FLAGS.dtype == 'float32'
+                           and layers.onednn_runs_convolutions() else 'xla')}
 
 
 def _worker(mode: str):

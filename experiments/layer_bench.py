@@ -8,7 +8,8 @@ the input and the gradient with respect to the kernel: the three kernels a
 train step runs per convolution. It prints one JSON line per shape (times in ms,
 median of --repeats; `count` is how often the network uses the shape) and a
 last line with the totals weighted by count. JAX goes through the library's own
-convolution (`models.layers.conv_general_dilated`, with its CPU-only paths);
+convolution (`models.layers.conv_general_dilated`: oneDNN on CPU when built,
+XLA's with `BWBPF_ONEDNN_CONV=0`; `jax_convolutions` says which ran);
 with --compare_torch the same shapes run through PyTorch's channels-last
 convolution and its backward kernels (`aten.convolution_backward`), and
 `weight_grad_max_rel_diff` checks that both computed the same kernel gradient.
@@ -162,6 +163,7 @@ def main(argv):
                            for kernel in _KERNELS}
     total_ms[framework]['all'] = sum(total_ms[framework].values())
   summary = {'arch': FLAGS.arch, 'width': FLAGS.width, 'batch_size': FLAGS.batch_size,
+             'jax_convolutions': 'onednn' if layers.onednn_runs_convolutions() else 'xla',
              'total_ms': total_ms}
   if FLAGS.compare_torch:
     summary['jax_over_torch_time'] = (summary['total_ms']['jax']['all']

@@ -1,5 +1,7 @@
 """Architectures: output shapes and parameter counts of the standard networks."""
 
+from unittest import mock
+
 from absl.testing import parameterized
 import chex
 from flax import linen as nn
@@ -87,7 +89,14 @@ class ShapeTest(parameterized.TestCase):
 
 
 class SmallMapConvolutionTest(parameterized.TestCase):
-  """The CPU im2col path for maps smaller than the kernel matches lax.conv exactly enough."""
+  """The CPU im2col path for maps smaller than the kernel matches lax.conv exactly enough.
+
+  It is the path where oneDNN is not built, so these tests turn oneDNN off.
+  """
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(mock.patch.object(layers, '_onednn_applies', return_value=False))
 
   @parameterized.parameters((1, 1), (2, 2), (2, 1))
   def test_values_and_gradients_match_lax(self, height, width):

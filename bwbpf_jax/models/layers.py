@@ -1,10 +1,15 @@
 """Layer defaults shared by the architectures, matching their PyTorch reference recipes."""
 
+import contextlib
+import contextvars
 import functools
 
 from flax import linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
+
+from bwbpf_jax.models import onednn_conv
 
 # He-normal on fan-out, as torchvision initialises VGG and ResNet convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -28,22 +33,60 @@ def _im2col_conv(lhs, rhs, padding):
                          (((3,), (0,)), ((), ())))
 
 
+_XLA_CONVOLUTIONS_ONLY = contextvars.ContextVar('xla_convolutions_only', default=False)
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+  """Convolutions traced inside this block are XLA's own, even where oneDNN would run them.
+
+  For what needs XLA's view of the network (its FLOP count) and for A/B timing.
+  """
+  token = _XLA_CONVOLUTIONS_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _XLA_CONVOLUTIONS_ONLY.reset(token)
+
+
+def onednn_runs_convolutions() -> bool:
+  """Whether this process runs float32 NHWC convolutions in oneDNN: one CPU device, built.
+
+  Multi-device CPU programs (fake devices, several processes) keep XLA's
+  convolution, which the SPMD partitioner knows how to shard; a custom call
+  it would replicate.
+  """
+  return (not _XLA_CONVOLUTIONS_ONLY.get() and jax.default_backend() == 'cpu'
+          and jax.device_count() == 1 and onednn_conv.available())
+
+
+def _onednn_applies(lhs, rhs, **conv_args) -> bool:
+  return onednn_conv.supports(lhs, rhs, **conv_args) and onednn_runs_convolutions()
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """`lax.conv_general_dilated`, except for feature maps smaller than the kernel on CPU.
+  """`lax.conv_general_dilated`, with faster CPU lowerings; GPU and TPU keep XLA's.
 
-  When H*W < kh*kw (VGG's 2x2 last stage at 32x32), XLA swaps the convolution's
-  operands, and on CPU the swapped form misses every fast kernel: about 2 GFLOP/s,
-  80% of a full-width VGG-19 step. There, on CPU only, the convolution is an
-  im2col matrix multiply instead (same values to float rounding). GPU and TPU
-  lowerings keep the ordinary convolution (`lax.platform_dependent`).
+  On CPU (chosen per platform with `lax.platform_dependent`):
+  - float32 NHWC convolutions run in oneDNN (`onednn_conv`) when it is built,
+    about 1.4x faster than XLA:CPU's Eigen convolutions;
+  - otherwise, when H*W < kh*kw (VGG's 2x2 last stage at 32x32), XLA swaps the
+    convolution's operands and the swapped form misses every fast Eigen
+    kernel (about 2 GFLOP/s, 80% of a full-width VGG-19 step), so there the
+    convolution is an im2col matrix multiply instead.
+  Both give the same values to float rounding.
   """
-  plain = functools.partial(
-      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      precision=precision, **kwargs)
+  conv_args = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                   feature_group_count=feature_group_count, **kwargs)
+  plain = functools.partial(lax.conv_general_dilated, precision=precision, **conv_args)
+  if _onednn_applies(lhs, rhs, **conv_args):
+    padding = tuple(map(tuple, padding))
+    return lax.platform_dependent(
+        lhs, rhs, cpu=lambda l, r: onednn_conv.conv(l, r, tuple(window_strides), padding),
+        default=plain)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
   simple = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1
             and not isinstance(padding, str) and not kwargs
@@ -51,7 +94,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
   if simple and lhs.shape[1] * lhs.shape[2] < rhs.shape[0] * rhs.shape[1]:
     return lax.platform_dependent(lhs, rhs, cpu=lambda l, r: _im2col_conv(l, r, padding),
-                                  default=lambda l, r: plain(l, r))
+                                  default=plain)
   return plain(lhs, rhs)
 
 

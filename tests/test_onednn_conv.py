@@ -1,0 +1,110 @@
+"""The oneDNN convolution (XLA FFI on CPU) against XLA's, and where the library uses it."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from bwbpf_jax.models import layers
+from bwbpf_jax.models import onednn_conv
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def setUpModule():
+  # requirements.txt installs oneDNN; only a machine without a C++ compiler may lack it.
+  if shutil.which(os.environ.get('CXX', 'g++')) is None:
+    raise absltest.SkipTest('no C++ compiler to build the oneDNN convolution')
+
+
+class OnednnConvolutionTest(parameterized.TestCase):
+
+  def test_builds_and_registers(self):
+    self.assertEqual(onednn_conv.unavailable_reason(), '')
+    self.assertTrue(onednn_conv.available())
+
+  @parameterized.named_parameters(
+      ('3x3_same', (4, 9, 9, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
+      ('3x3_stride2', (2, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((1, 1), (1, 1))),
+      ('1x1_projection', (2, 8, 8, 6), (1, 1, 6, 16), (2, 2), ((0, 0), (0, 0))),
+      ('map_smaller_than_kernel', (3, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
+      ('7x7_stem', (2, 15, 15, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),
+      ('asymmetric', (2, 7, 6, 5), (3, 2, 5, 3), (1, 2), ((0, 2), (1, 0))),
+  )
+  def test_values_and_gradients_match_xla(self, x_shape, w_shape, strides, padding):
+    key_x, key_w = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key_x, x_shape)
+    w = jax.random.normal(key_w, w_shape)
+
+    def loss(convolution, x, w):
+      return jnp.sum(jnp.sin(convolution(x, w)))
+
+    ours = lambda x, w: onednn_conv.conv(x, w, strides, padding)
+    xla = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                                precision='highest')
+    chex.assert_trees_all_close(
+        jax.jit(jax.value_and_grad(lambda x, w: loss(ours, x, w), (0, 1)))(x, w),
+        jax.jit(jax.value_and_grad(lambda x, w: loss(xla, x, w), (0, 1)))(x, w),
+        rtol=1e-5, atol=1e-4)
+
+  def test_vmap_matches_a_loop(self):
+    x = jax.random.normal(jax.random.key(1), (3, 2, 6, 6, 4))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 4, 5))
+    conv = lambda x: onednn_conv.conv(x, w, (1, 1), ((1, 1), (1, 1)))
+    chex.assert_trees_all_close(jax.vmap(conv)(x), jnp.stack([conv(item) for item in x]))
+
+
+class LibraryConvolutionTest(absltest.TestCase):
+  """`layers.conv_general_dilated` takes oneDNN on one CPU device, XLA elsewhere."""
+
+  def _lowered(self, x, platform='cpu'):
+    conv = layers.conv(8, 3, use_bias=False, dtype=x.dtype)
+    variables = conv.init(jax.random.key(0), x)
+    return jax.jit(conv.apply).trace(variables, x).lower(
+        lowering_platforms=(platform,)).as_text()
+
+  def test_float32_on_cpu_is_the_onednn_custom_call(self):
+    lowered = self._lowered(jnp.zeros((2, 8, 8, 4)))
+    self.assertIn('bwbpf_onednn_conv_forward', lowered)
+    self.assertNotIn('convolution', lowered)
+
+  def test_accelerators_and_bfloat16_keep_xla(self):
+    for platform in ('cuda', 'tpu'):
+      lowered = self._lowered(jnp.zeros((2, 8, 8, 4)), platform)
+      self.assertIn('convolution', lowered)
+      self.assertNotIn('bwbpf_onednn', lowered)
+    self.assertNotIn('bwbpf_onednn', self._lowered(jnp.zeros((2, 8, 8, 4), jnp.bfloat16)))
+
+  def test_xla_convolutions_context_keeps_xla(self):
+    with layers.xla_convolutions():
+      lowered = self._lowered(jnp.zeros((2, 8, 8, 4)))
+    self.assertIn('convolution', lowered)
+    self.assertNotIn('bwbpf_onednn', lowered)
+    self.assertIn('bwbpf_onednn', self._lowered(jnp.zeros((2, 8, 8, 4))))  # Restored after.
+
+  def test_train_step_gradients_go_through_onednn(self):
+    conv = layers.conv(8, 3, stride=2, use_bias=False, dtype=jnp.float32)
+    x = jnp.ones((2, 8, 8, 4))
+    variables = conv.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda v, x: jnp.sum(conv.apply(v, x) ** 2), argnums=(0, 1)))
+    text = grad.lower(variables, x).as_text()
+    self.assertIn('bwbpf_onednn_conv_input_grad', text)
+    self.assertIn('bwbpf_onednn_conv_kernel_grad', text)
+
+  def test_environment_switch_keeps_xla(self):
+    code = ('from bwbpf_jax.models import onednn_conv as o; '
+            'print(o.available(), o.unavailable_reason())')
+    output = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            check=True, env={**os.environ, 'BWBPF_ONEDNN_CONV': '0'}).stdout
+    self.assertEqual(output.strip(), 'False disabled by BWBPF_ONEDNN_CONV=0')
+
+
+if __name__ == '__main__':
+  absltest.main()
