@@ -105,6 +105,16 @@ class LibraryConvolutionTest(absltest.TestCase):
                             check=True, env={**os.environ, 'BWBPF_ONEDNN_CONV': '0'}).stdout
     self.assertEqual(output.strip(), 'False disabled by BWBPF_ONEDNN_CONV=0')
 
+  def test_without_a_compiler_the_library_falls_back_to_xla(self):
+    code = ('import jax, jax.numpy as jnp; from bwbpf_jax.models import layers, onednn_conv as o; '
+            'conv = layers.conv(4, 3, use_bias=False, dtype=jnp.float32); x = jnp.ones((1, 4, 4, 2)); '
+            'v = conv.init(jax.random.key(0), x); '
+            'print(o.available(), "convolution" in jax.jit(conv.apply).lower(v, x).as_text())')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            check=True, env={**os.environ, 'CXX': 'no-such-compiler'})
+    self.assertEqual(result.stdout.strip(), 'False True')
+    self.assertIn('no C++ compiler (no-such-compiler)', result.stderr)
+
 
 if __name__ == '__main__':
   absltest.main()

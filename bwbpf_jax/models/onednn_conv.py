@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 
+from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -99,6 +100,7 @@ def _load() -> str:
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
   except (RuntimeError, OSError) as e:
+    logging.warning('oneDNN convolution unavailable, XLA:CPU convolutions run instead: %s', e)
     return str(e)
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
