@@ -36,6 +36,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from bwbpf_jax import cache
 from bwbpf_jax.errors import UsageError
 
 DATASET_NAMES = ('digits', 'cifar10', 'cifar100', 'tiny_imagenet', 'imagefolder')
@@ -331,10 +332,7 @@ def _tiny_imagenet_files(data_dir: str):
 
 
 def _resolve_cache_dir(cache_dir: Optional[str]) -> str:
-  if cache_dir is not None:
-    return os.path.expanduser(cache_dir)
-  return os.environ.get('BWBPF_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'bwbpf_jax')
+  return os.path.expanduser(cache_dir) if cache_dir is not None else cache.cache_dir()
 
 
 def _file_stats(paths: Sequence[str], root: str) -> list:

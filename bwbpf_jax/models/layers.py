@@ -60,8 +60,19 @@ def onednn_runs_convolutions() -> bool:
           and jax.device_count() == 1 and onednn_conv.available())
 
 
+def _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                   feature_group_count, **kwargs) -> bool:
+  """A 2-D NHWC x HWIO convolution: one group, explicit padding, no dilation, no extras."""
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  return (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+          and not kwargs
+          and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+
+
 def _onednn_applies(lhs, rhs, **conv_args) -> bool:
-  return onednn_conv.supports(lhs, rhs, **conv_args) and onednn_runs_convolutions()
+  return (lhs.dtype == rhs.dtype == jnp.float32 and _is_plain_nhwc(lhs, rhs, **conv_args)
+          and onednn_runs_convolutions())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -78,21 +89,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     convolution is an im2col matrix multiply instead.
   Both give the same values to float rounding.
   """
-  conv_args = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+  conv_args = dict(padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                   dimension_numbers=dimension_numbers,
                    feature_group_count=feature_group_count, **kwargs)
-  plain = functools.partial(lax.conv_general_dilated, precision=precision, **conv_args)
+  plain = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                            precision=precision, **conv_args)
   if _onednn_applies(lhs, rhs, **conv_args):
-    padding = tuple(map(tuple, padding))
+    strides, padding = tuple(window_strides), tuple(map(tuple, padding))
     return lax.platform_dependent(
-        lhs, rhs, cpu=lambda l, r: onednn_conv.conv(l, r, tuple(window_strides), padding),
-        default=plain)
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-  simple = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1
-            and not isinstance(padding, str) and not kwargs
-            and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-  if simple and lhs.shape[1] * lhs.shape[2] < rhs.shape[0] * rhs.shape[1]:
+        lhs, rhs, cpu=lambda l, r: onednn_conv.conv(l, r, strides, padding), default=plain)
+  if (_is_plain_nhwc(lhs, rhs, **conv_args) and tuple(window_strides) == (1, 1)
+      and lhs.shape[1] * lhs.shape[2] < rhs.shape[0] * rhs.shape[1]):
     return lax.platform_dependent(lhs, rhs, cpu=lambda l, r: _im2col_conv(l, r, padding),
                                   default=plain)
   return plain(lhs, rhs)

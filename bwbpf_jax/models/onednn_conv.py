@@ -10,8 +10,9 @@ calls on XLA's own buffers, tied together by a `custom_vjp`.
 The handlers (`onednn_conv.cc`) are compiled with the system C++ compiler on
 first use against jaxlib's FFI headers and the oneDNN that requirements.txt
 installs (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`), and cached by content
-under ~/.cache/bwbpf_jax. Where any piece is missing, `available()` is False,
-`unavailable_reason()` says why, and the library keeps XLA's convolution.
+in `cache.cache_dir()` ($BWBPF_CACHE_DIR, else ~/.cache/bwbpf_jax). Where any
+piece is missing, `available()` is False, `unavailable_reason()` says why, and
+the library keeps XLA's convolution.
 
 Only first derivatives exist (`custom_vjp`), which is all training needs.
 """
@@ -32,23 +33,21 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from bwbpf_jax import cache
+
 _SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
 _TARGETS = {  # FFI target name -> exported handler symbol.
     'bwbpf_onednn_conv_forward': 'BwbpfOnednnConvForward',
     'bwbpf_onednn_conv_input_grad': 'BwbpfOnednnConvInputGrad',
     'bwbpf_onednn_conv_kernel_grad': 'BwbpfOnednnConvKernelGrad',
 }
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
 _DISABLE_ENV = 'BWBPF_ONEDNN_CONV'  # Set to 0 to keep XLA's convolution on CPU.
 
 
 def _onednn_root() -> pathlib.Path:
   """Where pip put oneDNN's library and headers (the environment's data root)."""
   return pathlib.Path(sys.prefix)
-
-
-def _cache_dir() -> pathlib.Path:
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return pathlib.Path(base) / 'bwbpf_jax'
 
 
 def _compile_command(output: pathlib.Path) -> list:
@@ -72,7 +71,7 @@ def _build() -> pathlib.Path:
   digest.update(jax.__version__.encode())
   digest.update(os.fsencode(os.path.realpath(root / 'lib' / 'libdnnl.so')))
   digest.update(' '.join(_compile_command(pathlib.Path('out'))).encode())
-  library = _cache_dir() / f'onednn_conv-{digest.hexdigest()[:16]}.so'
+  library = pathlib.Path(cache.cache_dir()) / f'onednn_conv-{digest.hexdigest()[:16]}.so'
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
@@ -118,28 +117,11 @@ def available() -> bool:
   return not _load()
 
 
-def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-             dimension_numbers, feature_group_count, **kwargs) -> bool:
-  """Whether `lax.conv_general_dilated` with these arguments is one `conv` call."""
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-  return (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
-          and not kwargs and lhs.dtype == rhs.dtype == jnp.float32
-          and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-
-
 def _geometry(strides, padding) -> dict:
   (top, bottom), (left, right) = padding
   return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
               pad_top=np.int64(top), pad_bottom=np.int64(bottom),
               pad_left=np.int64(left), pad_right=np.int64(right))
-
-
-def _output_shape(x_shape, w_shape, strides, padding) -> tuple:
-  kernel_h, kernel_w, _, out_features = w_shape
-  (top, bottom), (left, right) = padding
-  return (x_shape[0], (x_shape[1] + top + bottom - kernel_h) // strides[0] + 1,
-          (x_shape[2] + left + right - kernel_w) // strides[1] + 1, out_features)
 
 
 def _call(target: str, shape, *operands, strides, padding):
@@ -151,8 +133,9 @@ def _call(target: str, shape, *operands, strides, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, w, strides, padding):
   """NHWC x HWIO float32 convolution in oneDNN. `padding`: ((top, bottom), (left, right))."""
-  return _call('bwbpf_onednn_conv_forward', _output_shape(x.shape, w.shape, strides, padding),
-               x, w, strides=strides, padding=padding)
+  shape = lax.conv_general_shape_tuple(x.shape, w.shape, strides, padding, _NHWC)
+  return _call('bwbpf_onednn_conv_forward', tuple(map(int, shape)), x, w, strides=strides,
+               padding=padding)
 
 
 def _conv_forward(x, w, strides, padding):
