@@ -52,7 +52,8 @@ def network_loss(model: PartitionedModel, params, batch_stats, images, labels):
   return jnp.sum(losses), (losses, all_logits, tuple(new_stats))
 
 
-def _all_finite(loss, grads) -> jax.Array:
+def all_finite(loss, grads) -> jax.Array:
+  """Whether a loss and every gradient leaf are finite (a traced bool)."""
   leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
   return jnp.logical_and(jnp.isfinite(loss), jnp.all(jnp.stack(leaves)))
 
@@ -93,7 +94,7 @@ def train_step(model: PartitionedModel, tx: optax.GradientTransformation, block_
                                                batch['image'], batch['label'])
   new_states, skipped = [], []
   for k, state in enumerate(block_states):
-    keep_old = jnp.logical_not(_all_finite(losses[k], grads[k])) if skip_nonfinite else None
+    keep_old = jnp.logical_not(all_finite(losses[k], grads[k])) if skip_nonfinite else None
     new_states.append(apply_block_update(tx, state, grads[k], new_stats[k], keep_old))
     skipped.append(jnp.zeros((), jnp.float32) if keep_old is None
                    else keep_old.astype(jnp.float32))
@@ -112,7 +113,7 @@ def block_train_step(block, tx: optax.GradientTransformation, state: BlockState,
   grad_fn = jax.value_and_grad(local_loss, argnums=1, has_aux=True)
   (loss, (features, logits, stats)), grads = grad_fn(block, state.params, state.batch_stats,
                                                      x, labels)
-  keep_old = jnp.logical_not(_all_finite(loss, grads)) if skip_nonfinite else None
+  keep_old = jnp.logical_not(all_finite(loss, grads)) if skip_nonfinite else None
   new_state = apply_block_update(tx, state, grads, stats, keep_old)
   metrics = {'loss': loss, 'accuracy': _accuracy(logits, labels),
              'skipped': (jnp.zeros((), jnp.float32) if keep_old is None

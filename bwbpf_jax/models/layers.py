@@ -15,10 +15,28 @@ from bwbpf_jax.models import onednn_conv
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+_BATCH_STATS_AXIS = contextvars.ContextVar('batch_stats_axis', default=None)
+
+
+@contextlib.contextmanager
+def batch_stats_over(axis_name: str):
+  """BatchNorms traced inside this block take their batch statistics over mesh axis `axis_name`.
+
+  Inside a `shard_map`, where each device sees only its part of the batch, this
+  gives the global-batch statistics that a jitted, sharded step gets from the
+  compiler (`flax.linen.BatchNorm`'s `axis_name`).
+  """
+  token = _BATCH_STATS_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _BATCH_STATS_AXIS.reset(token)
+
+
 def batch_norm(train: bool, dtype=jnp.float32, name=None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 there is 0.9 here)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+                      dtype=dtype, name=name, axis_name=_BATCH_STATS_AXIS.get())
 
 
 def _im2col_conv(lhs, rhs, padding):

@@ -1,0 +1,120 @@
+"""Sizing a block pipeline: per-block times, projected speed-up, balanced split points.
+
+The slowest stage bounds a pipeline's throughput, so blocks (or units) are
+grouped to make the largest group's cost as small as possible.
+"""
+
+import functools
+import statistics
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from bwbpf_jax import step as step_lib
+from bwbpf_jax.errors import UsageError
+from bwbpf_jax.partition import PartitionedModel
+
+
+def per_block_step_times(model: PartitionedModel, tx: optax.GradientTransformation,
+                         block_states: Sequence[Any], batch: dict, repeats: int = 5, *,
+                         clock: Callable[[], float] = time.perf_counter) -> tuple:
+  """Median seconds of each block's `step.block_train_step` on one device, after compiling.
+
+  A utility at the edge of the library: it reads a clock and blocks on results.
+  Each block is timed alone on block k-1's output for `batch` (the states are
+  not changed: nothing is donated and the updates are discarded). Measure with
+  the micro-batch the pipeline will use, since per-example cost varies with
+  batch size. Feed the result to `projected_pipeline_speedup`, or time a model
+  cut at every unit to get per-unit costs for `balanced_split_points` (its
+  timings include one auxiliary head per unit).
+
+  Args:
+    model, tx: the partitioned network and its optimizer.
+    block_states: K states, all on the device to measure on.
+    batch: {'image': [B, H, W, C], 'label': [B]}.
+    repeats: timed calls per block; the median is returned.
+    clock: seconds as a float.
+
+  Returns:
+    K floats, seconds per block step.
+  """
+  if repeats < 1:
+    raise UsageError(f'repeats must be at least 1, got {repeats}')
+  x, labels, times = batch['image'], batch['label'], []
+  for block, state in zip(model.blocks, block_states):
+    block_step = jax.jit(functools.partial(step_lib.block_train_step, block, tx))
+    _, next_x, _ = jax.block_until_ready(block_step(state, x, labels))  # Compiles.
+    samples = []
+    for _ in range(repeats):
+      start = clock()
+      jax.block_until_ready(block_step(state, x, labels))
+      samples.append(clock() - start)
+    times.append(statistics.median(samples))
+    x = next_x
+  return tuple(times)
+
+
+def projected_pipeline_speedup(block_times: Sequence[float],
+                               num_microbatches: Optional[int] = None) -> float:
+  """Speed-up of K pipelined devices over one device running the K blocks in turn.
+
+  One device needs sum_k t_k per micro-batch; in the pipeline's steady state
+  each device does one block, so a micro-batch completes every max_k t_k:
+  speed-up sum(t) / max(t), which is K only for perfectly balanced blocks. With
+  `num_microbatches` M the pipeline's fill and drain are counted too:
+  M * sum(t) / (sum(t) + (M - 1) * max(t)). Transfers between devices are
+  ignored.
+  """
+  times = [float(t) for t in block_times]
+  if not times or min(times) < 0 or max(times) <= 0:
+    raise UsageError(f'block times must be non-negative and not all zero, got {times}')
+  total, slowest = sum(times), max(times)
+  if num_microbatches is None:
+    return total / slowest
+  if num_microbatches < 1:
+    raise UsageError(f'num_microbatches must be at least 1, got {num_microbatches}')
+  return num_microbatches * total / (total + (num_microbatches - 1) * slowest)
+
+
+def balanced_split_points(unit_costs: Sequence[float], num_blocks: int) -> tuple:
+  """Split points cutting units into `num_blocks` contiguous blocks with the smallest largest cost.
+
+  The pipeline runs at the pace of its costliest block, so the cut minimises
+  max_k sum(unit_costs in block k) (a dynamic programme over prefixes, O(K n^2)).
+  Among the optimal cuts the one with the earliest split points is returned, so
+  ties go the same way every time. Costs are the units' own (include the stem's
+  in unit 0's and the classifier's in the last unit's if they matter).
+
+  Args:
+    unit_costs: n non-negative costs, e.g. seconds or FLOPs per unit.
+    num_blocks: K, between 1 and n.
+
+  Returns:
+    K-1 increasing unit indices where blocks 1..K-1 start (as `build_model`'s
+    `split_points`).
+  """
+  costs = [float(c) for c in unit_costs]
+  num_units = len(costs)
+  if not 1 <= num_blocks <= num_units:
+    raise UsageError(f'cannot cut {num_units} units into {num_blocks} blocks')
+  if any(not np.isfinite(c) or c < 0 for c in costs):
+    raise UsageError(f'unit costs must be finite and non-negative, got {costs}')
+  prefix = np.concatenate([[0.0], np.cumsum(costs)]).tolist()
+  cost = lambda start, stop: prefix[stop] - prefix[start]
+  # largest[k][i]: smallest possible largest block when units i..n-1 form k blocks.
+  largest = [[float('inf')] * (num_units + 1) for _ in range(num_blocks + 1)]
+  largest[0][num_units] = 0.0
+  for k in range(1, num_blocks + 1):
+    for i in range(num_units - k, -1, -1):
+      largest[k][i] = min(max(cost(i, j), largest[k - 1][j])
+                          for j in range(i + 1, num_units - k + 2))
+  best = largest[num_blocks][0]
+  points, start = [], 0
+  for k in range(num_blocks, 1, -1):
+    start = next(j for j in range(start + 1, num_units - k + 2)
+                 if cost(start, j) <= best and largest[k - 1][j] <= best)
+    points.append(start)
+  return tuple(points)
