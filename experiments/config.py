@@ -38,6 +38,7 @@ class Config:
   train_step: str = 'auto'  # 'fused', 'blockwise' (bwbpf only), or 'auto'.
   parallel: str = 'auto'  # 'none', 'data', 'blocks', or 'auto'.
   microbatches: int = 4  # Pipeline depth for parallel='blocks'.
+  pipeline_stages: Optional[int] = None  # Stages for parallel='blocks' (None: one per block).
   data_dir: Optional[str] = None
   # Skip (and count) a block's update when its loss or gradient is not finite, instead of
   # stopping the run. Changes nothing while every loss stays finite.
@@ -111,6 +112,8 @@ def _validate(config: Config):
   for name in positive:
     if getattr(config, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
+  if config.pipeline_stages is not None and config.pipeline_stages < 1:
+    raise UsageError(f'--pipeline_stages must be at least 1, got {config.pipeline_stages}')
   if config.max_steps is not None and config.max_steps < 1:
     raise UsageError(f'--max_steps must be at least 1, got {config.max_steps}')
   if not config.width > 0:

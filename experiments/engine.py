@@ -7,14 +7,18 @@ The loop in train.py is the same for every engine; only placement differs.
   of all devices (every process's), states replicated, each global batch split
   along the mesh; each process feeds its own slice of the batch. Equal to
   'none' on the global batch up to the order of floating-point sums.
-- 'blocks': block k's state on local device k mod D, a pipeline over
-  `config.microbatches` micro-batches (bwbpf only, one process). Every
-  micro-batch is an optimizer step, so the schedule is built for
-  `optimizer_steps_per_batch` times the number of batches.
+- 'blocks': the SPMD stage pipeline (`parallel.StagePipeline`, bwbpf only)
+  over a ('data', 'stage') mesh of every device of every process:
+  `config.pipeline_stages` stages (default K), data = devices / stages, each
+  batch cut into `config.microbatches` micro-batches. Every micro-batch is an
+  optimizer step, so the schedule is built for `optimizer_steps_per_batch`
+  times the number of batches. The pipeline stays full from step to step;
+  the loop `drain`s it where a segment ends (before evaluation, checkpoints
+  and the end), so states are then well defined.
 """
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 
@@ -30,7 +34,11 @@ class Engine:
   """How states and batches are placed and which jitted steps run on them.
 
   `eval_states` brings the states to where `eval_step` runs; the loop calls it
-  once per evaluation, not per batch.
+  once per evaluation, not per batch. `drain(states, last_metrics)` finishes
+  work still in flight at the end of a segment of steps and returns the states
+  and the last step's metrics with that work's folded in. `host_states` gives
+  the K block states on the host (for checkpoints and results). `feed_slice`
+  is (index, count): which slice of every global batch this process feeds.
   """
   name: str
   num_devices: int
@@ -39,6 +47,11 @@ class Engine:
   train_step: Callable
   eval_step: Callable
   eval_states: Callable = lambda states: states
+  put_eval_batch: Optional[Callable] = None  # Default: put_batch.
+  drain: Callable = lambda states, last_metrics: (states, last_metrics)
+  host_states: Callable = jax.device_get
+  feed_slice: tuple = (0, 1)
+  mesh_shape: Optional[dict] = None  # Axis name -> size, for results.json.
 
 
 def resolve_parallel(config: Config) -> str:
@@ -53,20 +66,20 @@ def optimizer_steps_per_batch(config: Config) -> int:
   return config.microbatches if resolve_parallel(config) == 'blocks' else 1
 
 
-def make_engine(config: Config, model, tx) -> Engine:
+def make_engine(config: Config, model, tx, image_shape) -> Engine:
   """The engine `config.parallel` names; `tx` must count `optimizer_steps_per_batch` steps."""
   kind = resolve_parallel(config)
   skip = config.skip_nonfinite
   if kind == 'data':
     return _data_engine(config, model, tx)
   if kind == 'blocks':
-    return _blocks_engine(config, model, tx)
+    return _blocks_engine(config, model, tx, image_shape)
   train_step = (bw.make_blockwise_train_step(model, tx, skip_nonfinite=skip)
                 if _use_blockwise(config, model)
                 else bw.make_train_step(model, tx, skip_nonfinite=skip))
   return Engine(name='none', num_devices=1, put_states=jax.device_put,
                 put_batch=jax.device_put, train_step=train_step,
-                eval_step=bw.make_eval_step(model))
+                eval_step=bw.make_eval_step(model), feed_slice=parallel.process_info())
 
 
 def _use_blockwise(config: Config, model) -> bool:
@@ -87,26 +100,39 @@ def _data_engine(config: Config, model, tx) -> Engine:
       put_states=lambda states: parallel.replicate(states, mesh),
       put_batch=lambda batch: parallel.shard_batch(batch, mesh),
       train_step=make_step(model, tx, mesh, skip_nonfinite=config.skip_nonfinite),
-      eval_step=parallel.make_data_parallel_eval_step(model, mesh))
+      eval_step=parallel.make_data_parallel_eval_step(model, mesh),
+      feed_slice=parallel.process_info(), mesh_shape=dict(mesh.shape))
 
 
-def _blocks_engine(config: Config, model, tx) -> Engine:
-  if jax.process_count() > 1:
-    raise bw.UsageError('--parallel=blocks runs in one process (its devices hold the blocks); '
-                        'across processes use --parallel=data')
-  if config.batch_size % config.microbatches:
-    raise bw.UsageError(f'--batch_size={config.batch_size} cannot be split into '
-                        f'--microbatches={config.microbatches} equal micro-batches')
-  # Raises UsageError for modes whose gradients cross blocks.
-  train_step = parallel.make_block_parallel_train_step(
-      model, tx, num_microbatches=config.microbatches, skip_nonfinite=config.skip_nonfinite)
-  block_devices = parallel.placement(model)
-  eval_device = block_devices[0]
+def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
+  # Raises UsageError for modes whose gradients cross blocks and for stage counts
+  # the blocks or the devices cannot take.
+  plan = parallel.make_stage_plan(model, tx, image_shape, config.pipeline_stages)
+  mesh = parallel.make_pipeline_mesh(plan.num_stages)
+  pipeline = parallel.StagePipeline(model, tx, plan, mesh,
+                                    num_microbatches=config.microbatches,
+                                    global_batch_size=config.batch_size,
+                                    skip_nonfinite=config.skip_nonfinite)
+  eval_mesh = parallel.make_mesh(devices=mesh.devices.flat)  # The same device order.
+  last = {}
+
+  def train_step(states, batch):
+    states, metrics = pipeline.step(states, batch)
+    last['metrics'] = metrics
+    return states, {name: value for name, value in metrics.items() if name != 'count'}
+
+  def drain(states, last_metrics):
+    if plan.num_stages == 1 or 'metrics' not in last:
+      return states, last_metrics
+    states, tail = pipeline.drain(states)
+    return states, parallel.merge_metrics(last.pop('metrics'), tail)
+
   return Engine(
-      name='blocks', num_devices=len(set(block_devices)),
-      put_states=lambda states: parallel.place_block_states(states, block_devices),
-      # Host batches: the step cuts them into micro-batches and copies each to its block.
-      put_batch=lambda batch: batch,
-      train_step=train_step,
-      eval_step=bw.make_eval_step(model),
-      eval_states=lambda states: parallel.gather_block_states(states, eval_device))
+      name='blocks', num_devices=mesh.size, put_states=pipeline.init,
+      put_batch=pipeline.shard_batch, train_step=train_step,
+      eval_step=parallel.make_data_parallel_eval_step(model, eval_mesh),
+      eval_states=pipeline.block_states,
+      put_eval_batch=lambda batch: parallel.shard_batch(batch, eval_mesh),
+      drain=drain,
+      host_states=lambda states: jax.device_get(pipeline.block_states(states)),
+      feed_slice=parallel.process_feed_slice(mesh), mesh_shape=dict(mesh.shape))

@@ -25,7 +25,8 @@ Several devices and hosts (see experiments/engine.py):
 
     --parallel=data          the step sharded over every device (default when JAX
                              sees more than one); the batch must divide evenly
-    --parallel=blocks        block k on device k mod D, --microbatches=M in flight
+    --parallel=blocks        a stage pipeline over a (data, stage) mesh of every device:
+                             --pipeline_stages=S (default K), --microbatches=M
     --coordinator_address=host:port --num_processes=N --process_id=I
                              one process per host (TPU pods and SLURM jobs are
                              detected without these); each reads its slice of
@@ -89,8 +90,11 @@ flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
                   'memory); auto: blockwise for bwbpf.')
 flags.DEFINE_enum('parallel', _UNSET, ('auto', 'none', 'data', 'blocks'),
                   'data: the step sharded over all devices (the batch split, gradients '
-                  'averaged); blocks: block k on device k mod D, pipelined over micro-batches '
-                  '(bwbpf); none: one device; auto: data when several devices are present.')
+                  'averaged); blocks: a stage pipeline over a (data x stage) mesh of every '
+                  'device, pipelined over micro-batches (bwbpf); none: one device; auto: data when several devices are present.')
+flags.DEFINE_integer('pipeline_stages', _UNSET, 'Pipeline stages for --parallel=blocks '
+                     '(default: one per block); contiguous blocks are grouped by cost, and '
+                     'the device count must be a multiple of it (data = devices / stages).')
 flags.DEFINE_integer('microbatches', _UNSET, 'Micro-batches per batch for --parallel=blocks '
                      '(each is an optimizer step).')
 flags.DEFINE_string('data_dir', _UNSET, 'Dataset folder (tfds data_dir or image folder).')

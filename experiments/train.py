@@ -87,7 +87,7 @@ def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
   states = engine.eval_states(states)
-  for batch in data.prefetch(batches, put=engine.put_batch):
+  for batch in data.prefetch(batches, put=engine.put_eval_batch or engine.put_batch):
     sums = engine.eval_step(states, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -182,7 +182,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
                          momentum=config.momentum, weight_decay=config.weight_decay,
                          warmup_steps=config.warmup_epochs * steps_per_epoch * updates_per_batch)
 
-  engine = make_engine(config, model, tx)  # Checks the device setup before anything is saved.
+  engine = make_engine(config, model, tx, image_shape)  # Checks the device setup before anything is saved.
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:
     start_step = _resume_step(manager, resume_from)
@@ -209,7 +209,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
     run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
                last_step, checkpoint_every, log, is_chief)
     states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
-    host_states = jax.device_get(states)
+    host_states = engine.host_states(states)
     run.check_finite_params(host_states, loop.step)
     results = {
         'config': config.to_dict(),
@@ -226,6 +226,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
         'epochs_completed': loop.step / steps_per_epoch,
         'resumed_from_step': start_step,
         'num_devices': engine.num_devices,
+        'mesh': engine.mesh_shape,
         'num_processes': jax.process_count(),
         'parallel': engine.name,
         'images_per_sec': loop.timed_images / loop.train_seconds if loop.train_seconds else None,
@@ -237,7 +238,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
       writers.plot_block_curves(workdir)
     # The final checkpoint comes after results.json: a checkpoint at the last step
     # means the run is complete, and a rerun then has nothing to do.
-    run.save(host_states, loop)
+    run.save(states, loop)
   finally:
     manager.close()
   log(f'test accuracy {100 * results["test_accuracy"]:.2f}% (output head); every head: '
@@ -269,7 +270,7 @@ class _Run:
     path = checkpoint.step_path(self.manager, loop.step)
     if self.saved_step == loop.step:
       return path
-    host_states = jax.device_get(states)
+    host_states = self.engine.host_states(states)
     self.check_finite_params(host_states, loop.step)
     checkpoint.save(self.manager, loop.step, host_states,
                     loop.to_meta(self.config, self.steps_per_epoch))
@@ -340,8 +341,8 @@ class _Run:
     batches = data.train_batches(
         self.dataset.train_images, self.dataset.train_labels, batch_size=config.batch_size,
         seed=config.seed, epoch=epoch, mean=self.mean, std=self.std, augment=config.augment,
-        start_step=epoch_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        start_step=epoch_step, process_index=self.engine.feed_slice[0],
+        process_count=self.engine.feed_slice[1])
     pending, segment_start, segment_images = None, None, 0
     with data.prefetch(batches, put=self.engine.put_batch) as stream:
       for batch in stream:
@@ -361,6 +362,9 @@ class _Run:
         if (loop.step >= self.last_step or loop.step % steps_per_epoch == 0
             or self.checkpoint_due(loop.step) or stop.signum is not None):
           break
+    # A pipelined engine finishes the micro-batches still in flight, so checkpoints,
+    # evaluation and the next segment see well-defined states.
+    states, pending = self.engine.drain(states, pending)
     self.take_metrics(loop, pending, loop.step)
     if segment_start is not None:
       loop.train_seconds += time.perf_counter() - segment_start

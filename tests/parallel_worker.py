@@ -1,14 +1,16 @@
-r"""One process of the 2-process data-parallel test in tests/test_parallel.py.
+r"""One process of the multi-process tests in tests/test_parallel.py and test_stage_pipeline.py.
 
     python tests/parallel_worker.py --coordinator=127.0.0.1:PORT --num_processes=2 \
-        --process_id=0 --local_devices=2 --out_dir=DIR
+        --process_id=0 --local_devices=2 --out_dir=DIR [--engine=data|pipeline]
 
 joins the run through `parallel.initialize_distributed`, trains the model that
-`experiment()` describes for `STEPS` data-parallel steps, each process feeding
-only its slice of every global batch (as `data.train_batches` slices it), then
-writes its block states' parameters to DIR/process_<i>.npz and prints one JSON
-line: process index and count, global device count, and a digest of the
-parameters.
+`experiment()` describes for `STEPS` steps, each process feeding only its
+slice of every global batch (as `data.train_batches` slices it), then writes
+its block states' parameters to DIR/process_<i>.npz and prints one JSON line:
+process index and count, global device count, mesh shape, the last step's
+losses and a digest of the parameters. `data`: the data-parallel step over
+every device; `pipeline`: the stage pipeline over a (devices / 4) x 4 mesh,
+2 micro-batches per batch, drained at the end.
 """
 
 import argparse
@@ -26,11 +28,11 @@ GLOBAL_BATCH_SIZE = 16
 STEPS = 2
 
 
-def experiment():
+def experiment(num_blocks=2):
   """(model, tx, initial states, global batches): the same in every process and in the test."""
   import jax  # pylint: disable=g-import-not-at-top
   import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
-  model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125)
+  model = bw.build_model('vgg11', num_classes=10, num_blocks=num_blocks, width=0.125)
   tx = bw.make_optimizer('sgd', learning_rate=0.05, total_steps=100)
   states = bw.init_block_states(model, tx, jax.random.key(0), IMAGE)
   rng = np.random.default_rng(0)
@@ -55,6 +57,7 @@ def main():
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--local_devices', type=int, default=1)
   parser.add_argument('--out_dir', required=True)
+  parser.add_argument('--engine', choices=('data', 'pipeline'), default='data')
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -64,20 +67,38 @@ def main():
 
   process_index, process_count = parallel.initialize_distributed(
       args.coordinator, args.num_processes, args.process_id, initialization_timeout=60)
-  model, tx, states, batches = experiment()
-  mesh = parallel.make_mesh()
-  train_step = parallel.make_data_parallel_train_step(model, tx, mesh)
-  states = parallel.replicate(states, mesh)
-  local = GLOBAL_BATCH_SIZE // process_count
+  if args.engine == 'data':
+    model, tx, states, batches = experiment()
+    mesh = parallel.make_mesh()
+    train_step = parallel.make_data_parallel_train_step(model, tx, mesh)
+    states = parallel.replicate(states, mesh)
+    index, count = process_index, process_count
+    put = lambda batch: parallel.shard_batch(batch, mesh)
+  else:
+    model, tx, states, batches = experiment(num_blocks=4)
+    mesh = parallel.make_pipeline_mesh(4)
+    plan = parallel.make_stage_plan(model, tx, IMAGE)
+    pipeline = parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=2,
+                                      global_batch_size=GLOBAL_BATCH_SIZE)
+    train_step = pipeline.step
+    states = pipeline.init(states)
+    index, count = parallel.process_feed_slice(mesh)
+    put = pipeline.shard_batch
+  local = GLOBAL_BATCH_SIZE // count
   for batch in batches:
-    local_batch = {name: value[process_index * local:(process_index + 1) * local]
+    local_batch = {name: value[index * local:(index + 1) * local]
                    for name, value in batch.items()}
-    states, metrics = train_step(states, parallel.shard_batch(local_batch, mesh))
+    states, metrics = train_step(states, put(local_batch))
+  if args.engine == 'pipeline':
+    states, tail = pipeline.drain(states)
+    metrics = parallel.merge_metrics(metrics, tail)
+    states = pipeline.block_states(states)
   leaves = params_leaves(states)
   np.savez(os.path.join(args.out_dir, f'process_{process_index}.npz'), *leaves)
   digest = hashlib.sha256(b''.join(leaf.tobytes() for leaf in leaves)).hexdigest()
   print(json.dumps({'process_index': process_index, 'process_count': process_count,
                     'global_devices': jax.device_count(), 'digest': digest,
+                    'mesh': list(mesh.devices.shape),
                     'loss': np.asarray(metrics['loss'].addressable_data(0)).tolist()}),
         flush=True)
   jax.distributed.shutdown()

@@ -1,0 +1,312 @@
+"""parallel/pipeline.py: the SPMD stage pipeline computes the synchronous block-wise updates.
+
+The pipeline and the synchronous block-wise step are different XLA programs,
+so their float32 results agree to rounding, not bit for bit (about 1e-7
+relative after one update; BatchNorm on small micro-batches amplifies it over
+several). Comparisons within one program (isolation, bubbles) are exact.
+
+Multi-device tests need 8 devices: as in test_parallel.py,
+`test_multi_device_tests_on_8_fake_cpu_devices` re-runs `MultiDeviceTest` in a
+fresh pytest process with 8 fake CPU devices. The 2-process test starts
+tests/parallel_worker.py processes that talk over loopback only.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bwbpf_jax as bw
+from bwbpf_jax import parallel
+from bwbpf_jax.errors import UsageError
+
+IMAGE = (16, 16, 3)
+NUM_DEVICES = 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
+SUBPROCESS_TIMEOUT_S = 300
+# Agreement of two programs' float32 trajectories over a few updates (see the docstring).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@functools.lru_cache(maxsize=None)
+def _built(num_blocks=4):
+  model = bw.build_model('vgg11', num_classes=10, num_blocks=num_blocks, width=0.125)
+  tx = bw.make_optimizer('sgd', learning_rate=0.05, total_steps=100)
+  return model, tx, bw.init_block_states(model, tx, jax.random.key(0), IMAGE)
+
+
+def _batches(count, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.normal(size=(size,) + IMAGE).astype(np.float32),
+           'label': rng.integers(0, 10, size).astype(np.int32)} for _ in range(count)]
+
+
+def _synchronous(model, tx, states, batches, num_microbatches):
+  """The block-wise step fed every batch's micro-batches in turn: what the pipeline computes."""
+  step = bw.make_blockwise_train_step(model, tx, donate=False)
+  for batch in batches:
+    for microbatch in parallel.split_microbatches(batch, num_microbatches):
+      states, _ = step(states, microbatch)
+  return jax.device_get(states)
+
+
+def _data_row_order(batch, num_microbatches, num_rows):
+  """The batch whose pipeline micro-batches on `num_rows` data rows are those of `batch` on one.
+
+  With D rows, micro-batch m is the m-th part of each row's share (see
+  `StagePipeline.shard_batch`); this reorders examples so that it holds
+  examples [m B/M, (m+1) B/M) of `batch`, as with one row.
+  """
+  def reorder(x):
+    x = x.reshape((num_microbatches, num_rows, -1) + x.shape[1:]).swapaxes(0, 1)
+    return x.reshape((-1,) + x.shape[3:])
+  return {name: reorder(value) for name, value in batch.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline(num_stages, num_rows, num_microbatches=2, global_batch_size=16):
+  """One compiled pipeline per configuration, shared by the tests."""
+  model, tx, _ = _built()
+  mesh = parallel.make_pipeline_mesh(num_stages, jax.devices()[:num_stages * num_rows])
+  plan = parallel.make_stage_plan(model, tx, IMAGE, num_stages)
+  return parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=num_microbatches,
+                                global_batch_size=global_batch_size)
+
+
+def _train(states, batches, *, num_stages, num_rows, poison_bubbles=False):
+  """Pipeline-trains on `batches` (2 micro-batches each), drains; returns host block states."""
+  pipeline = _pipeline(num_stages, num_rows)
+  state = pipeline.init(states)
+  if poison_bubbles:  # What the stages read in bubble slots: it must change nothing.
+    state = state.replace(activations=jnp.full_like(state.activations, jnp.nan))
+  for batch in batches:
+    state, _ = pipeline.step(state, pipeline.shard_batch(_data_row_order(batch, 2, num_rows)))
+  state, _ = pipeline.drain(state)
+  return jax.device_get(pipeline.block_states(state))
+
+
+def _subprocess_env(**extra):
+  env = {name: value for name, value in os.environ.items()
+         if not name.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_'))}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+  return env
+
+
+class OneDeviceTest(parameterized.TestCase):
+
+  def test_one_stage_of_all_blocks_equals_synchronous_steps(self):
+    model, tx, states = _built()
+    batches = _batches(2)
+    trained = _train(states, batches, num_stages=1, num_rows=1)
+    self.assertEqual(_pipeline(1, 1).plan.stage_blocks, ((0, 1, 2, 3),))
+    chex.assert_trees_all_close(trained, _synchronous(model, tx, states, batches, 2),
+                                rtol=RTOL, atol=ATOL)
+
+  def test_packing_round_trips_exactly_and_reports_its_padding(self):
+    model, tx, states = _built()
+    plan = parallel.make_stage_plan(model, tx, IMAGE, 4)
+    sizes = [packing.size for packing in plan.state_packings]
+    self.assertEqual(plan.state_length, max(sizes))
+    self.assertAlmostEqual(plan.padding_overhead(), 4 * max(sizes) / sum(sizes) - 1)
+    for s, packing in enumerate(plan.state_packings):
+      stage_states = (states[s],)
+      unpacked = packing.unpack(packing.pack(stage_states, plan.state_length))
+      chex.assert_trees_all_equal(unpacked, stage_states)
+      chex.assert_trees_all_equal_dtypes(unpacked, stage_states)
+    # The activations between stages: 16x16 -> 8x8 -> 4x4 -> 2x2 maps of VGG-11 x0.125.
+    self.assertEqual(plan.input_shapes, ((16, 16, 3), (8, 8, 16), (4, 4, 32), (2, 2, 64)))
+    self.assertEqual(plan.activation_length, 8 * 8 * 16)
+
+  def test_fewer_stages_than_blocks_groups_the_costliest_blocks_alone(self):
+    model, tx, _ = _built()
+    plan = parallel.make_stage_plan(model, tx, IMAGE, 2, costs=[1.0, 1.0, 1.0, 5.0])
+    self.assertEqual(plan.stage_blocks, ((0, 1, 2), (3,)))
+    plan = parallel.make_stage_plan(model, tx, IMAGE, 2)  # By XLA's FLOP counts.
+    costs = parallel.block_costs(model, tx, IMAGE)
+    self.assertLen(costs, 4)
+    self.assertTrue(all(c > 1 for c in costs), costs)
+    boundary = len(plan.stage_blocks[0])
+    self.assertEqual((boundary,), parallel.balanced_split_points(costs, 2))
+
+  def test_usage_errors(self):
+    model, tx, _ = _built()
+    with self.assertRaisesRegex(UsageError, 'between 1 and the 4 blocks'):
+      parallel.make_stage_plan(model, tx, IMAGE, 5)
+    with self.assertRaisesRegex(UsageError, 'needs a multiple of 3 devices'):
+      parallel.make_pipeline_mesh(3, jax.devices()[:1] * 2)
+    bp_model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125, mode='bp')
+    with self.assertRaisesRegex(UsageError, 'isolated blocks'):
+      parallel.make_stage_plan(bp_model, tx, IMAGE)
+    plan = parallel.make_stage_plan(model, tx, IMAGE, 1)
+    mesh = parallel.make_pipeline_mesh(1, jax.devices()[:1])
+    with self.assertRaisesRegex(UsageError, 'cannot be split into --microbatches=3'):
+      parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=3, global_batch_size=16)
+
+  def test_multi_device_tests_on_8_fake_cpu_devices(self):
+    if jax.device_count() >= NUM_DEVICES:
+      self.skipTest('MultiDeviceTest runs directly in this session')
+    flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+         f'{os.path.abspath(__file__)}::MultiDeviceTest'],
+        env=_subprocess_env(XLA_FLAGS=flags.strip()), cwd=REPO, capture_output=True,
+        text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    report = result.stdout[-6000:] + result.stderr[-3000:]
+    self.assertEqual(result.returncode, 0, report)
+    num_tests = len([name for name in dir(MultiDeviceTest) if name.startswith('test_')])
+    self.assertIn(f'{num_tests} passed', result.stdout, report)
+
+  @pytest.mark.slow
+  def test_two_processes_of_4_devices_equal_one_process_of_8(self):
+    with tempfile.TemporaryDirectory() as out_dir:
+      one = _run_workers(out_dir, 'one', num_processes=1, local_devices=8)
+      two = _run_workers(out_dir, 'two', num_processes=2, local_devices=4)
+    self.assertEqual([r['global_devices'] for r in one + two], [8, 8, 8])
+    self.assertEqual([r['mesh'] for r in one + two], [[2, 4]] * 3)
+    self.assertEqual(two[0]['digest'], two[1]['digest'])  # Both processes hold the result.
+    # Different collectives (in-process against gloo) may sum in another order.
+    np.testing.assert_allclose(two[0]['loss'], one[0]['loss'], rtol=1e-5)
+    chex.assert_trees_all_close(two[0]['params'], one[0]['params'], rtol=RTOL, atol=ATOL)
+
+
+def _run_workers(out_dir, name, *, num_processes, local_devices):
+  from test_parallel import _free_port  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  workers = [subprocess.Popen(
+      [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}',
+       f'--num_processes={num_processes}', f'--process_id={i}',
+       f'--local_devices={local_devices}', f'--out_dir={os.path.join(out_dir, name)}',
+       '--engine=pipeline'],
+      env=_subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(num_processes)]
+  os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+  outputs = []
+  try:
+    for worker in workers:
+      outputs.append(worker.communicate(timeout=SUBPROCESS_TIMEOUT_S))
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.communicate()
+  reports = []
+  for worker, (stdout, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    with np.load(os.path.join(out_dir, name, f'process_{report["process_index"]}.npz')) as f:
+      report['params'] = [f[f'arr_{i}'] for i in range(len(f.files))]
+    reports.append(report)
+  return reports
+
+
+class MultiDeviceTest(parameterized.TestCase):
+  """Needs 8 devices; see `OneDeviceTest.test_multi_device_tests_on_8_fake_cpu_devices`."""
+
+  def setUp(self):
+    super().setUp()
+    if jax.device_count() < NUM_DEVICES:
+      self.skipTest(f'needs {NUM_DEVICES} devices, found {jax.device_count()}')
+
+  def test_one_block_per_stage_equals_synchronous_steps_and_rows_agree(self):
+    model, tx, states = _built()
+    batches = _batches(2)
+    expected = _synchronous(model, tx, states, batches, 2)
+    one_row = _train(states, batches, num_stages=4, num_rows=1)
+    chex.assert_trees_all_close(one_row, expected, rtol=RTOL, atol=ATOL)
+    # 2 x 4: each micro-batch split over two data rows, gradients and BatchNorm
+    # statistics averaged over them: the same global micro-batches, the same updates.
+    two_rows = _train(states, batches, num_stages=4, num_rows=2)
+    chex.assert_trees_all_close(two_rows, one_row, rtol=RTOL, atol=ATOL)
+
+  def test_two_stages_of_two_blocks_on_4_rows(self):
+    model, tx, states = _built()
+    batches = _batches(2)
+    trained = _train(states, batches, num_stages=2, num_rows=4)
+    self.assertLen(_pipeline(2, 4).plan.stage_blocks, 2)
+    chex.assert_trees_all_close(trained, _synchronous(model, tx, states, batches, 2),
+                                rtol=RTOL, atol=ATOL)
+
+  def test_isolation_a_later_block_never_changes_an_earlier_trajectory(self):
+    model, tx, states = _built()
+    batches = _batches(2)
+    perturbed = list(jax.tree_util.tree_map(jnp.copy, states))
+    perturbed[3] = perturbed[3].replace(
+        params=jax.tree_util.tree_map(lambda p: p * 1.5 + 0.1, perturbed[3].params))
+    base = _train(states, batches, num_stages=4, num_rows=2)
+    changed = _train(tuple(perturbed), batches, num_stages=4, num_rows=2)
+    chex.assert_trees_all_equal(changed[:3], base[:3])  # Exactly: the same program.
+    self.assertFalse(np.array_equal(jax.tree_util.tree_leaves(changed[3].params)[0],
+                                    jax.tree_util.tree_leaves(base[3].params)[0]))
+
+  def test_bubbles_change_nothing_and_step_counts_are_real_microbatches(self):
+    model, tx, states = _built()
+    batches = _batches(3)
+    clean = _train(states, batches, num_stages=4, num_rows=2)
+    poisoned = _train(states, batches, num_stages=4, num_rows=2, poison_bubbles=True)
+    chex.assert_trees_all_equal(poisoned, clean)
+    for block in poisoned:
+      self.assertTrue(all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(block)))
+      counts = [leaf for leaf in jax.tree_util.tree_leaves(block.opt_state)
+                if leaf.dtype == np.int32]
+      self.assertEqual([int(c) for c in counts], [3 * 2])  # 3 batches x 2 micro-batches.
+
+  def test_metrics_count_each_microbatch_once_across_steps_and_drain(self):
+    _, _, states = _built()
+    pipeline = _pipeline(4, 2)
+    state = pipeline.init(states)
+    counts = []
+    for batch in _batches(3):
+      state, metrics = pipeline.step(state, pipeline.shard_batch(batch))
+      counts.append(np.asarray(metrics['count']))
+    state, tail = pipeline.drain(state)
+    counts.append(np.asarray(tail['count']))
+    # Filling: stage s idles its first s ticks; full afterwards; the drain finishes the rest.
+    np.testing.assert_array_equal(counts, [[2, 1, 0, 0], [2, 2, 2, 1], [2, 2, 2, 2],
+                                           [0, 1, 2, 3]])
+    np.testing.assert_array_equal(np.sum(counts, axis=0), [6, 6, 6, 6])
+    merged = parallel.merge_metrics(metrics, tail)
+    self.assertEqual(set(merged), {'loss', 'accuracy', 'skipped'})
+    np.testing.assert_allclose(merged['loss'][0], metrics['loss'][0])  # Block 0: none in tail.
+
+  def test_layout_one_stage_per_device_and_no_gather_of_states(self):
+    _, _, states = _built()
+    pipeline, plan = _pipeline(4, 2), _pipeline(4, 2).plan
+    self.assertEqual(dict(pipeline.mesh.shape), {'data': 2, 'stage': 4})
+    state = pipeline.init(states)
+    self.assertEqual(state.stages.sharding.spec, jax.sharding.PartitionSpec('stage'))
+    for shard in state.stages.addressable_shards:
+      self.assertEqual(shard.data.shape, (1, plan.state_length))
+    self.assertEqual(parallel.state_bytes_per_device(state), 4 * plan.state_length)
+    all_blocks = sum(packing.size for packing in plan.state_packings)
+    self.assertLess(plan.state_length, all_blocks)
+    batch = pipeline.shard_batch(_batches(1)[0])
+    hlo = pipeline.step.lower(state, batch).compile().as_text()
+    self.assertIn('collective-permute', hlo)  # Activations to the next stage.
+    # Gradients, losses and BatchNorm statistics averaged over 'data': groups of the
+    # devices holding one stage, e.g. {0,4},{1,5},{2,6},{3,7}.
+    data_groups = ','.join('{' + ','.join(str(d.id) for d in column) + '}'
+                           for column in pipeline.mesh.devices.T)
+    self.assertIn(f'replica_groups={{{data_groups}}}', hlo)
+    # Only the per-block metrics ([K] floats) are gathered, never a stage's state.
+    gathers = [line for line in hlo.splitlines() if ' all-gather(' in line]
+    self.assertTrue(all(str(plan.state_length) not in line for line in gathers), gathers)
+    # The step hands states back where they were.
+    state, _ = pipeline.step(state, batch)
+    self.assertEqual(state.stages.sharding.spec, jax.sharding.PartitionSpec('stage'))
+    self.assertEqual(state.activations.sharding.spec,
+                     jax.sharding.PartitionSpec('stage', 'data'))
+
+
+if __name__ == '__main__':
+  absltest.main()
