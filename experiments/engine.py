@@ -18,6 +18,7 @@ The loop in train.py is the same for every engine; only placement differs.
 """
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -116,16 +117,18 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
   eval_mesh = parallel.make_mesh(devices=mesh.devices.flat)  # The same device order.
   last = {}
 
+  per_step = functools.partial(parallel.step_metrics, num_microbatches=config.microbatches)
+
   def train_step(states, batch):
-    states, metrics = pipeline.step(states, batch)
-    last['metrics'] = metrics
-    return states, {name: value for name, value in metrics.items() if name != 'count'}
+    states, sums = pipeline.step(states, batch)
+    last['sums'] = sums
+    return states, per_step(sums)
 
   def drain(states, last_metrics):
-    if plan.num_stages == 1 or 'metrics' not in last:
+    if plan.num_stages == 1 or 'sums' not in last:
       return states, last_metrics
     states, tail = pipeline.drain(states)
-    return states, parallel.merge_metrics(last.pop('metrics'), tail)
+    return states, per_step(last.pop('sums'), tail)
 
   return Engine(
       name='blocks', num_devices=mesh.size, put_states=pipeline.init,

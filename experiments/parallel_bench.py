@@ -169,14 +169,38 @@ def _measure(worker: str, split_points) -> dict:
     devices = jax.devices()[:FLAGS.num_devices]
     pipeline = parallel.make_block_parallel_train_step(model, tx, devices,
                                                        num_microbatches=FLAGS.microbatches)
+    host_states = jax.device_get(states)
     placed = parallel.place_block_states(states, parallel.placement(model, devices))
     states, pipeline_s, pipeline_cpu = _time_steps(pipeline, placed, batch, FLAGS.steps)
     _, sync_micro_s, sync_micro_cpu = _time_steps(
         sync_microbatch_step, parallel.gather_block_states(states), batch, FLAGS.steps)
+    # The SPMD stage pipeline: K stages x (D / K) data rows, full from step to step.
+    mesh = parallel.make_pipeline_mesh(FLAGS.num_blocks, devices)
+    plan = parallel.make_stage_plan(model, tx, image)
+    spmd = parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=FLAGS.microbatches,
+                                  global_batch_size=FLAGS.batch_size)
+    pipeline_state, sharded = spmd.init(host_states), spmd.shard_batch(batch)
+    memory = spmd.step.lower(pipeline_state, sharded).compile().memory_analysis()
+    _, spmd_s, spmd_cpu = _time_steps(spmd.step, pipeline_state, sharded, FLAGS.steps)
+    all_states_bytes = sum(4 * packing.size for packing in plan.state_packings)
     result.update(
         pipeline_images_per_sec=FLAGS.batch_size / pipeline_s,
+        spmd_pipeline_images_per_sec=FLAGS.batch_size / spmd_s,
         sync_microbatch_on_pipeline_cores_images_per_sec=FLAGS.batch_size / sync_micro_s,
-        cpu_per_wall={'pipeline': pipeline_cpu,
+        spmd_mesh=dict(mesh.shape),
+        spmd_state_bytes_per_device=4 * plan.state_length,
+        replicated_state_bytes_per_device=all_states_bytes,
+        spmd_padding_overhead=round(plan.padding_overhead(), 4),
+        spmd_xla_argument_bytes_per_device=getattr(memory, 'argument_size_in_bytes', None),
+        spmd_xla_temp_bytes_per_device=getattr(memory, 'temp_size_in_bytes', None),
+        # Bubble slots: the host pipeline fills and drains every step; the SPMD one once
+        # per segment (here the --steps timed steps plus the compiling one).
+        bubble_fraction_host_pipeline=round(
+            (FLAGS.num_blocks - 1) / (FLAGS.microbatches + FLAGS.num_blocks - 1), 4),
+        bubble_fraction_spmd_pipeline=round(
+            (FLAGS.num_blocks - 1) / ((FLAGS.steps + 1) * FLAGS.microbatches
+                                      + FLAGS.num_blocks - 1), 4),
+        cpu_per_wall={'pipeline': pipeline_cpu, 'spmd_pipeline': spmd_cpu,
                       'sync_microbatch_on_pipeline_cores': sync_micro_cpu})
   result['load_avg_1m'] = os.getloadavg()[0]
   return result
@@ -256,6 +280,10 @@ def main(argv):
       'sync_microbatch_images_per_sec': sync['sync_microbatch_images_per_sec'],
       'sync_full_batch_images_per_sec': sync['sync_full_batch_images_per_sec'],
       'pipeline_images_per_sec': pipeline['pipeline_images_per_sec'],
+      'spmd_pipeline_images_per_sec': pipeline['spmd_pipeline_images_per_sec'],
+      **{name: pipeline[name] for name in pipeline
+         if name.startswith(('spmd_', 'bubble_', 'replicated_'))
+         and name != 'spmd_pipeline_images_per_sec'},
       'sync_microbatch_on_pipeline_cores_images_per_sec':
           pipeline['sync_microbatch_on_pipeline_cores_images_per_sec'],
       'speedup': speedup, 'parallel_efficiency': speedup / FLAGS.num_devices,

@@ -91,7 +91,7 @@ def main():
     states, metrics = train_step(states, put(local_batch))
   if args.engine == 'pipeline':
     states, tail = pipeline.drain(states)
-    metrics = parallel.merge_metrics(metrics, tail)
+    metrics = parallel.step_metrics(metrics, tail, num_microbatches=2)
     states = pipeline.block_states(states)
   leaves = params_leaves(states)
   np.savez(os.path.join(args.out_dir, f'process_{process_index}.npz'), *leaves)

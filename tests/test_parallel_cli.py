@@ -2,20 +2,26 @@
 
 Each run is a fresh process with its own emulated CPU devices
 (--xla_force_host_platform_device_count), so the device count can differ per run.
-The library-level equalities (bitwise pipeline, sharded step) are in test_parallel.py;
-here the runs' losses must agree with a one-device run of the same computation.
+The library-level equalities (sharded step, stage pipeline) are in test_parallel.py
+and test_stage_pipeline.py; here the runs' losses must agree with a one-device run of
+the same computation.
 """
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from test_main import REPO, run_main
+from test_resume import _Background, _checkpoint_steps
 
 # 1437 digits for training: 44 steps of 32 or 89 of 16 per epoch. No augmentation and
 # no warm-up, so a batch of 32 cut into 2 micro-batches is the same data, at nearly the
@@ -79,15 +85,39 @@ class ParallelCommandLineTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('engine blocks on 2 device(s)', proc.stdout)
     results = _results(workdir)
-    self.assertEqual((results['parallel'], results['num_devices']), ('blocks', 2))
+    self.assertEqual((results['parallel'], results['num_devices'], results['mesh']),
+                     ('blocks', 2, {'data': 1, 'stage': 2}))
 
     sync_dir = self.create_tempdir().full_path
     proc = run_main(*SMALL, '--batch_size=16', '--max_steps=6', '--parallel=none',
                     '--train_step=blockwise', f'--workdir={sync_dir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    # Every micro-batch counted once in the epoch's means, whichever step finished it.
     self.assert_same_training(results, _results(sync_dir))
     np.testing.assert_allclose(results['block_test_accuracy'],
                                _results(sync_dir)['block_test_accuracy'], atol=2 / 360)
+
+  @pytest.mark.slow
+  def test_block_parallel_on_2x2_mesh_killed_and_resumed_is_exact(self):
+    flags = (*SMALL, '--batch_size=32', '--max_steps=6', '--parallel=blocks',
+             '--microbatches=2', '--checkpoint_every=2')
+    reference = self.create_tempdir().full_path
+    proc = run_main(*flags, f'--workdir={reference}', env=_devices_env(4))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(_results(reference)['mesh'], {'data': 2, 'stage': 2})
+
+    workdir = self.create_tempdir().full_path
+    with mock.patch.dict(os.environ, _devices_env(4)):  # _Background passes os.environ on.
+      run = _Background(self.create_tempdir().full_path, *flags, f'--workdir={workdir}')
+      run.wait_for(lambda: _checkpoint_steps(workdir), timeout=240)
+      run.proc.send_signal(signal.SIGKILL)
+      run.output()
+    killed_at = _checkpoint_steps(workdir)[-1]
+    proc = run_main(*flags, f'--workdir={workdir}', env=_devices_env(4))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    resumed_at = int(re.search(r'resuming at step (\d+) of 6', proc.stdout).group(1))
+    self.assertGreaterEqual(resumed_at, killed_at)
+    self.assertEqual(_results(workdir)['params_digest'], _results(reference)['params_digest'])
 
   def test_two_processes_run_as_one_on_the_global_batch(self):
     workdir = self.create_tempdir().full_path
@@ -123,6 +153,7 @@ class ParallelCommandLineTest(absltest.TestCase):
         (('--batch_size=30',), 4, 'cannot be split evenly over 4 devices'),
         (('--batch_size=30', '--parallel=blocks', '--microbatches=4'), 2,
          'equal micro-batches'),
+        (('--parallel=blocks',), 3, 'a pipeline of 2 stages needs a multiple of 2 devices'),
         (('--num_processes=2', '--process_id=2'), 1, '--process_id must be in [0, 2)')):
       proc = run_main(*SMALL, *flags, '--max_steps=1',
                       f'--workdir={self.create_tempdir().full_path}', env=_devices_env(count))

@@ -124,9 +124,9 @@ class OneDeviceTest(parameterized.TestCase):
       unpacked = packing.unpack(packing.pack(stage_states, plan.state_length))
       chex.assert_trees_all_equal(unpacked, stage_states)
       chex.assert_trees_all_equal_dtypes(unpacked, stage_states)
-    # The activations between stages: 16x16 -> 8x8 -> 4x4 -> 2x2 maps of VGG-11 x0.125.
-    self.assertEqual(plan.input_shapes, ((16, 16, 3), (8, 8, 16), (4, 4, 32), (2, 2, 64)))
-    self.assertEqual(plan.activation_length, 8 * 8 * 16)
+    # Each VGG-11 block of two units pools twice: 16x16 -> 4x4 -> 2x2 -> 1x1 (x0.125 widths).
+    self.assertEqual(plan.input_shapes, ((16, 16, 3), (4, 4, 16), (2, 2, 32), (1, 1, 64)))
+    self.assertEqual(plan.activation_length, 4 * 4 * 16)
 
   def test_fewer_stages_than_blocks_groups_the_costliest_blocks_alone(self):
     model, tx, _ = _built()
@@ -275,9 +275,11 @@ class MultiDeviceTest(parameterized.TestCase):
     np.testing.assert_array_equal(counts, [[2, 1, 0, 0], [2, 2, 2, 1], [2, 2, 2, 2],
                                            [0, 1, 2, 3]])
     np.testing.assert_array_equal(np.sum(counts, axis=0), [6, 6, 6, 6])
-    merged = parallel.merge_metrics(metrics, tail)
-    self.assertEqual(set(merged), {'loss', 'accuracy', 'skipped'})
-    np.testing.assert_allclose(merged['loss'][0], metrics['loss'][0])  # Block 0: none in tail.
+    # Per step, sums / M: their mean over the segment is the mean over all 6 micro-batches.
+    last = parallel.step_metrics(metrics, tail, num_microbatches=2)
+    self.assertEqual(set(last), {'loss', 'accuracy', 'skipped'})
+    np.testing.assert_allclose(last['loss'], (metrics['loss'] + tail['loss']) / 2)
+    self.assertEqual(float(tail['loss'][0]), 0.0)  # Block 0 finished everything before.
 
   def test_layout_one_stage_per_device_and_no_gather_of_states(self):
     _, _, states = _built()

@@ -18,7 +18,7 @@ from bwbpf_jax.parallel.dispatch import (gather_block_states, make_block_paralle
 from bwbpf_jax.parallel.hosts import initialize_distributed, process_info
 from bwbpf_jax.parallel.pipeline import (STAGE_AXIS, PipelineState, StagePipeline, StagePlan,
                                          block_costs, make_pipeline_mesh, make_stage_plan,
-                                         merge_metrics, process_feed_slice,
-                                         state_bytes_per_device)
+                                         process_feed_slice, state_bytes_per_device,
+                                         step_metrics)
 from bwbpf_jax.parallel.sizing import (balanced_split_points, per_block_step_times,
                                        projected_pipeline_speedup)

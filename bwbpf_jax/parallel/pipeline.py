@@ -422,13 +422,12 @@ class StagePipeline:
                    spec(STAGE_AXIS), spec(STAGE_AXIS), spec(STAGE_AXIS)))
     stages, activations, out_labels, valid, sums, counts = shard_ticks(
         state.stages, state.activations, state.labels, state.valid, images, labels, fed)
-    # sums [S, 3, blocks_per_stage] and counts [S] -> per-block means [K] and counts [K].
+    # sums [S, 3, blocks_per_stage] and counts [S] -> per-block sums [K] and counts [K].
     where = [(s, j) for s, blocks in enumerate(self.plan.stage_blocks)
              for j in range(len(blocks))]
-    count = jnp.stack([counts[s] for s, _ in where])
-    metrics = {name: jnp.stack([sums[s, i, j] for s, j in where]) / jnp.maximum(count, 1)
+    metrics = {name: jnp.stack([sums[s, i, j] for s, j in where])
                for i, name in enumerate(_METRICS)}
-    metrics['count'] = count
+    metrics['count'] = jnp.stack([counts[s] for s, _ in where])
     return PipelineState(stages, activations, out_labels, valid), metrics
 
   def _ticks_on_device(self, stages, activations, act_labels, act_valid, images, labels, fed):
@@ -514,11 +513,21 @@ class StagePipeline:
             jnp.pad(jnp.stack(skipped), (0, pad)))
 
 
-def merge_metrics(first: dict, second: dict) -> dict:
-  """Per-block means of two pipeline calls' metrics, weighted by their 'count's; no 'count'."""
-  total = first['count'] + second['count']
-  return {name: (first[name] * first['count'] + second[name] * second['count'])
-          / jnp.maximum(total, 1) for name in _METRICS}
+def step_metrics(*calls: dict, num_microbatches: int) -> dict:
+  """One training step's metrics [K] from the raw sums of pipeline calls (a step, a drain).
+
+  Each call returns, per block, sums over the micro-batches it finished
+  ('loss', 'accuracy', 'skipped') and their 'count'. Loss and accuracy are
+  divided by M rather than by the count: a block finishes exactly M
+  micro-batches per step between two drains, so the mean of these values over
+  the steps of a segment (step, ..., last step + drain) is the mean over every
+  micro-batch, even though a micro-batch may finish a step later than it
+  entered. 'skipped' stays a count of skipped updates, as other engines report.
+  """
+  totals = {name: sum(call[name] for call in calls) for name in _METRICS}
+  return {'loss': totals['loss'] / num_microbatches,
+          'accuracy': totals['accuracy'] / num_microbatches,
+          'skipped': totals['skipped']}
 
 
 def state_bytes_per_device(pipeline_state: PipelineState) -> int:
