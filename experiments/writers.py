@@ -198,7 +198,7 @@ class Progress:
     step = self._step or 0
     text = (f'progress: step {step}/{self.total_steps} '
             f'(epoch {step / self.steps_per_epoch:.2f})')
-    if self._timed is not None and step > self._timed[0]:
+    if self._timed is not None and step > self._timed[0] and self._step_time > self._timed[1]:
       steps_per_sec = (step - self._timed[0]) / (self._step_time - self._timed[1])
       text += (f', {steps_per_sec * self.batch_size:.0f} img/s, '
                f'{_duration(now - self._start)} elapsed, about '
