@@ -2,8 +2,9 @@
 
 `train_and_evaluate(config, workdir)` loads the data, builds and initialises
 the partitioned model, trains every block for `config.epochs` (or
-`config.max_steps`), evaluates every head, and leaves metrics, TensorBoard
-events, a plot and results.json in `workdir`.
+`config.max_steps`; the learning-rate schedule spans whichever it is, and
+`config.stop_at_step` can end the run earlier), evaluates every head, and
+leaves metrics, TensorBoard events, a plot and results.json in `workdir`.
 
 Failure handling, so that a run of hours loses at most the steps since its
 last checkpoint:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl.testing import absltest
@@ -92,8 +93,11 @@ class ResumeTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     # The uninterrupted run every resumed run must match bit for bit.
-    cls.reference = os.path.join(absltest.get_default_test_tmpdir(), 'resume_reference')
-    shutil.rmtree(cls.reference, ignore_errors=True)
+    # A folder of its own: test runs of other checkouts may be using the same test tmpdir.
+    os.makedirs(absltest.get_default_test_tmpdir(), exist_ok=True)
+    cls.reference = os.path.join(
+        tempfile.mkdtemp(prefix='resume_reference_', dir=absltest.get_default_test_tmpdir()),
+        'run')
     proc = run_main(*SMALL, '--checkpoint_every=4', f'--workdir={cls.reference}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     cls.reference_results = _results(cls.reference)
