@@ -59,6 +59,16 @@ class EndToEndTest(absltest.TestCase):
       self.assertGreater(plot.size[0], 500)
 
 
+  def test_no_augmentation_and_its_old_spelling(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_main('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2',
+                    '--max_steps=1', '--batch_size=32', '--noaugment', f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('augmentation none', proc.stdout)
+    self.assertEqual(json.load(open(os.path.join(workdir, 'results.json')))['config']['augment'],
+                     'none')
+
+
 class BadInputTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
