@@ -7,6 +7,20 @@ from bwbpf_jax.errors import UsageError
 OPTIMIZERS = ('sgd', 'adamw')
 
 
+def learning_rate_schedule(learning_rate: float, *, total_steps: int,
+                           warmup_steps: int = 0) -> optax.Schedule:
+  """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+
+  The optimizers below use it; it is public so a training loop can log the rate
+  that update `count` used: `learning_rate_schedule(...)(count)`.
+  """
+  if total_steps < 1:
+    raise UsageError(f'the schedule needs at least one step, got total_steps={total_steps}')
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
+      warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1))
+
+
 def make_optimizer(name: str = 'sgd', *, learning_rate: float = 0.1, total_steps: int,
                    momentum: float = 0.9, weight_decay: float = 5e-4,
                    warmup_steps: int = 0) -> optax.GradientTransformation:
@@ -16,11 +30,8 @@ def make_optimizer(name: str = 'sgd', *, learning_rate: float = 0.1, total_steps
   `SGD(weight_decay=...)` does (coupled L2), so hyper-parameters carry over from
   the reference code. AdamW decouples it, as its name says.
   """
-  if total_steps < 1:
-    raise UsageError(f'the schedule needs at least one step, got total_steps={total_steps}')
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
-      warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1))
+  schedule = learning_rate_schedule(learning_rate, total_steps=total_steps,
+                                    warmup_steps=warmup_steps)
   if name == 'sgd':
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.sgd(schedule, momentum=momentum or None))

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from typing import Optional
 
+from bwbpf_jax.data.pipeline import AUGMENTATIONS
 from bwbpf_jax.errors import UsageError
 
 
@@ -25,14 +26,17 @@ class Config:
   dtype: str = 'float32'
   image_size: Optional[int] = None
   epochs: int = 200
+  # Train this many steps in all (instead of `epochs`); warm-up and decay are fitted to them.
   max_steps: Optional[int] = None
+  # Stop after this many steps of the full schedule; a rerun with a larger value resumes.
+  stop_at_step: Optional[int] = None
   batch_size: int = 128
   optimizer: str = 'sgd'
   lr: float = 0.1
   momentum: float = 0.9
   weight_decay: float = 5e-4
   warmup_epochs: int = 0
-  augment: bool = True
+  augment: str = 'crop_flip'  # 'crop_flip', 'crop' (no mirror images) or 'none'.
   seed: int = 0
   eval_every: int = 1
   train_step: str = 'auto'  # 'fused', 'blockwise' (bwbpf only), or 'auto'.
@@ -56,7 +60,8 @@ class Config:
 DATASET_DEFAULTS = {
     # Offline default: small enough to learn to >90% in about a minute on 2 CPU cores.
     'digits': dict(arch='vgg11', width=0.25, num_blocks=4, epochs=12, batch_size=64, lr=0.05,
-                   warmup_epochs=1),
+                   warmup_epochs=1,
+                   augment='crop'),  # A mirrored digit is another shape.
     'cifar10': dict(epochs=200),
     'cifar100': dict(epochs=200),
     'imagefolder': dict(epochs=200),
@@ -116,13 +121,16 @@ def _validate(config: Config):
     raise UsageError(f'--pipeline_stages must be at least 1, got {config.pipeline_stages}')
   if config.max_steps is not None and config.max_steps < 1:
     raise UsageError(f'--max_steps must be at least 1, got {config.max_steps}')
+  if config.stop_at_step is not None and config.stop_at_step < 1:
+    raise UsageError(f'--stop_at_step must be at least 1, got {config.stop_at_step}')
   if not config.width > 0:
     raise UsageError(f'--width must be positive, got {config.width}')
   if not config.lr > 0:
     raise UsageError(f'--lr must be positive, got {config.lr}')
   choices = {'train_step': ('auto', 'fused', 'blockwise'),
              'parallel': ('auto', 'none', 'data', 'blocks'),
-             'dtype': ('float32', 'bfloat16')}
+             'dtype': ('float32', 'bfloat16'),
+             'augment': AUGMENTATIONS}
   for name, allowed in choices.items():
     if getattr(config, name) not in allowed:
       raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
@@ -132,8 +140,16 @@ def _validate(config: Config):
                      'cross block boundaries')
 
 
+def describe_presets() -> list:
+  """One line per preset: its name and the settings it makes."""
+  return [f'{name}: ' + ', '.join(f'{key}={value}' for key, value in values.items())
+          for name, values in PRESETS.items()]
+
+
 def config_from_json(text: str) -> Config:
   values = json.loads(text)
+  if isinstance(values.get('augment'), bool):  # Written before the crop-only choice existed.
+    values['augment'] = 'crop_flip' if values['augment'] else 'none'
   if values.get('split_points') is not None:
     values['split_points'] = tuple(values['split_points'])
   return Config(**{k: v for k, v in values.items() if k in _FIELDS})

@@ -12,14 +12,25 @@ the loop position are saved in <workdir>/checkpoints every --checkpoint_every
 steps (default: at each epoch's end) and at the end. Rerunning the same
 command with the same --workdir resumes from the latest checkpoint and ends
 bitwise as an uninterrupted run would (compare results.json's params_digest);
-a finished run rerun says so and exits 0. Only --max_steps, --eval_every and
---skip_nonfinite may differ from the config stored in the workdir.
+a finished run rerun says so and exits 0. Only --stop_at_step, --eval_every and
+--skip_nonfinite may differ from the config stored in the workdir. A workdir
+holds one run at a time: a second run started on it exits 2 naming the first
+one's host and pid, and a run that fails to start writes nothing there.
+
+Quick runs: --max_steps=N trains N steps in all, with warm-up and decay fitted
+to them (a complete short run); --stop_at_step=N stops after N steps of the
+full schedule, and a rerun with a larger N (or without it) carries on.
+
+Output: every epoch a line of every block's loss and accuracy (blocks are
+numbered 1..K everywhere); while training, a progress bar on a terminal, and a
+progress line every --progress_seconds when stdout is a file.
 
     --checkpoint_every=N     save every N steps (0: only at the end and on a signal)
     --resume_from=previous   the checkpoint before the latest (if that one is corrupt),
                              or =<step>; later checkpoints are then deleted
     --skip_nonfinite         skip and count a block's update whose loss is not finite
     --overwrite              delete the workdir's run files and start afresh
+    --list_presets           print the named presets and their settings
 
 Several devices and hosts (see experiments/engine.py):
 
@@ -37,8 +48,8 @@ Exit codes, each failure with one line on stderr:
     1    a block's loss became non-finite (block and step named; nothing after the
          last good checkpoint saved); rerun with --skip_nonfinite, or change the
          config with --overwrite
-    2    a mistake in the flags, the data, the workdir (another run's config) or an
-         unreadable checkpoint (named)
+    2    a mistake in the flags, the data, the workdir (another run's config, or
+         another run still using it) or an unreadable checkpoint (named)
     130  stopped by Ctrl-C (SIGINT) after saving a checkpoint; 143: by SIGTERM
 """
 
@@ -55,13 +66,13 @@ from absl import flags
 from absl import logging
 
 import bwbpf_jax
-from bwbpf_jax.data import DATASET_NAMES
+from bwbpf_jax.data import AUGMENTATIONS, DATASET_NAMES
 from experiments import config as config_lib
 
 FLAGS = flags.FLAGS
 _UNSET = None
-flags.DEFINE_string('preset', None, f'Named configuration, e.g. paper_cifar10_vgg19_k4 '
-                    f'({len(config_lib.PRESETS)} in experiments/config.py).')
+flags.DEFINE_string('preset', None, f'Named configuration (--list_presets shows their '
+                    f'settings): {", ".join(config_lib.PRESETS)}.')
 flags.DEFINE_enum('dataset', _UNSET, DATASET_NAMES, 'Dataset (default: digits, offline).')
 flags.DEFINE_enum('arch', _UNSET, bwbpf_jax.ARCHITECTURES, 'Architecture.')
 flags.DEFINE_integer('num_blocks', _UNSET, 'K, blocks the network is cut into (1 = backprop).')
@@ -75,14 +86,19 @@ flags.DEFINE_enum('stem', _UNSET, ('cifar', 'imagenet'), 'ResNet stem (default: 
 flags.DEFINE_enum('dtype', _UNSET, ('float32', 'bfloat16'), 'Computation dtype.')
 flags.DEFINE_integer('image_size', _UNSET, 'Resize images to this side.')
 flags.DEFINE_integer('epochs', _UNSET, 'Epochs; the cosine schedule spans them.')
-flags.DEFINE_integer('max_steps', _UNSET, 'Stop after this many steps (quick runs).')
+flags.DEFINE_integer('max_steps', _UNSET, 'Train this many steps in all instead of --epochs, '
+                     'with warm-up and decay fitted to them (a complete short run).')
+flags.DEFINE_integer('stop_at_step', _UNSET, 'Stop after this many steps of the full schedule; '
+                     'a rerun with a larger value (or without it) resumes the run.')
 flags.DEFINE_integer('batch_size', _UNSET, 'Global batch size.')
 flags.DEFINE_enum('optimizer', _UNSET, bwbpf_jax.OPTIMIZERS, 'Per-block optimizer.')
 flags.DEFINE_float('lr', _UNSET, 'Peak learning rate.')
 flags.DEFINE_float('momentum', _UNSET, 'SGD momentum.')
 flags.DEFINE_float('weight_decay', _UNSET, 'Weight decay.')
 flags.DEFINE_integer('warmup_epochs', _UNSET, 'Linear warm-up epochs before the cosine decay.')
-flags.DEFINE_bool('augment', _UNSET, 'Random crop and flip for training.')
+flags.DEFINE_enum('augment', _UNSET, AUGMENTATIONS, 'Training augmentation: random crop '
+                  'and horizontal flip, crop only, or none (default: crop for digits, whose '
+                  'mirror images are other shapes; crop_flip otherwise).')
 flags.DEFINE_integer('seed', _UNSET, 'Seed of initialisation, shuffling and augmentation.')
 flags.DEFINE_integer('eval_every', _UNSET, 'Evaluate every N epochs (and at the end).')
 flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
@@ -109,6 +125,10 @@ flags.DEFINE_string('resume_from', 'latest', 'Checkpoint to resume from: latest,
 flags.DEFINE_bool('overwrite', False, 'Delete the run files (checkpoints, metrics, results) of '
                   'the run in --workdir and start afresh (not in a command rerun to resume).')
 
+flags.DEFINE_bool('list_presets', False, 'Print every named preset and its settings, then exit.')
+flags.DEFINE_float('progress_seconds', 30, 'When stdout is not a terminal (a log file), print a '
+                   'progress line this often (step, epoch, images/s, time left).')
+
 flags.DEFINE_string('coordinator_address', None, 'Multi-process runs: host:port of process '
                     '0. Without it JAX detects TPU pods and SLURM/MPI/Kubernetes jobs itself.')
 flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of processes.')
@@ -132,8 +152,13 @@ def _given_flags() -> dict:
   return values
 
 
+# --augment was a boolean before it named a choice; the old spellings still work.
+_OLD_SPELLINGS = {'--augment': '--augment=crop_flip', '--noaugment': '--augment=none'}
+
+
 def _parse_flags(argv):
   """absl's parser, but a bad flag is one line and exit code 2 instead of a usage dump."""
+  argv = [_OLD_SPELLINGS.get(arg, arg) for arg in argv]
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -163,6 +188,11 @@ def main(argv):
     print(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)',
           file=sys.stderr)
     sys.exit(2)
+  if FLAGS.list_presets:
+    print('\n'.join(config_lib.describe_presets()))
+    return
+  # A log file gets every line as it is printed, not when a buffer fills.
+  sys.stdout.reconfigure(line_buffering=True)
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
   _quiet_closed_loop_callbacks()
   from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
@@ -180,7 +210,8 @@ def main(argv):
     config = config_lib.make_config(_given_flags(), FLAGS.preset)
     workdir = FLAGS.workdir or os.path.join('runs', f'{config.dataset}_{config.arch}_{config.mode}')
     train.train_and_evaluate(config, workdir, checkpoint_every=FLAGS.checkpoint_every,
-                             resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite)
+                             resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
+                             progress_seconds=FLAGS.progress_seconds)
   except bwbpf_jax.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

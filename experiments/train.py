@@ -2,8 +2,9 @@
 
 `train_and_evaluate(config, workdir)` loads the data, builds and initialises
 the partitioned model, trains every block for `config.epochs` (or
-`config.max_steps`), evaluates every head, and leaves metrics, TensorBoard
-events, a plot and results.json in `workdir`.
+`config.max_steps`; the learning-rate schedule spans whichever it is, and
+`config.stop_at_step` can end the run earlier), evaluates every head, and
+leaves metrics, TensorBoard events, a plot and results.json in `workdir`.
 
 Failure handling, so that a run of hours loses at most the steps since its
 last checkpoint:
@@ -20,6 +21,12 @@ last checkpoint:
 - The workdir keeps its run's config.json; a different config is refused
   (`RESUMABLE_FIELDS` may change) unless `overwrite`, which deletes the run's
   own files in the workdir (`RUN_FILES`) and nothing else.
+- A workdir holds one run at a time: `WorkdirLock` (an flock, which the kernel
+  releases when the process ends, however it ends) is taken before anything is
+  written, and a second run on the workdir is refused, naming the holder's host
+  and pid. Nothing is written to the workdir until the config is valid, the
+  data loads and the model builds, so a run that fails to start leaves the
+  workdir as it found it and can be rerun with the fix.
 - A non-finite loss (or parameter, checked before each save) raises
   `NonFiniteError` naming the block and step, without saving anything after the
   last good checkpoint; with `config.skip_nonfinite` the block's update is
@@ -36,10 +43,12 @@ write still in flight.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from typing import Optional
@@ -58,13 +67,15 @@ from experiments.config import Config
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+LOCK_FILE = '.lock'
 # What a run writes in its workdir; --overwrite removes these and nothing else.
 RUN_FILES = (CHECKPOINT_DIR, CONFIG_FILE, writers.METRICS_FILE, writers.RESULTS_FILE,
              writers.PLOT_FILE, 'tensorboard')
 # Config fields a rerun may change and still resume: they decide when the run stops
 # and evaluates, not what a step computes (skip_nonfinite changes nothing while the
-# losses are finite, and a run that met a non-finite loss stopped there).
-RESUMABLE_FIELDS = ('max_steps', 'eval_every', 'skip_nonfinite')
+# losses are finite, and a run that met a non-finite loss stopped there). max_steps
+# is not one: the learning-rate schedule is fitted to it.
+RESUMABLE_FIELDS = ('stop_at_step', 'eval_every', 'skip_nonfinite')
 
 
 class NonFiniteError(Exception):
@@ -108,6 +119,7 @@ class LoopState:
   skipped_updates: Optional[list] = None  # [K] updates skipped per block, whole run.
   train_seconds: float = 0.0
   timed_images: int = 0
+  wall_seconds: float = 0.0  # Time spent in the loop, over every process that ran it.
 
   def to_meta(self, config: Config, steps_per_epoch: int) -> dict:
     fields = dataclasses.asdict(self)
@@ -137,7 +149,8 @@ class LoopState:
 
 def train_and_evaluate(config: Config, workdir: str, log=print, *,
                        checkpoint_every: Optional[int] = None, resume_from: str = 'latest',
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False,
+                       progress_seconds: float = writers.PROGRESS_SECONDS) -> dict:
   """Runs (or resumes) the whole experiment described by `config`; returns results.json's dict.
 
   Args:
@@ -149,18 +162,34 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
     resume_from: 'latest', 'previous' (the checkpoint before the latest, when the
       latest is unreadable), or a step number as a string or int.
     overwrite: delete the run files of whatever run `workdir` holds and start afresh.
+    progress_seconds: when stdout is not a terminal, a progress line this often.
 
   Raises:
-    bw.UsageError: another run's config in workdir, an unreadable checkpoint, bad data.
+    bw.UsageError: another run's config in workdir, another run using it, an
+      unreadable checkpoint, bad data.
     NonFiniteError: a non-finite loss without `config.skip_nonfinite`.
     Interrupted: SIGINT or SIGTERM, after saving a checkpoint.
   """
+  is_chief = jax.process_index() == 0
+  if checkpoint_every is not None and checkpoint_every < 0:
+    raise bw.UsageError(f'--checkpoint_every must be 0 or more, got {checkpoint_every}')
+  # The chief writes the workdir's files, so it alone holds the lock.
+  lock = WorkdirLock(workdir) if is_chief else None
+  try:
+    return _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from,
+                               overwrite, progress_seconds)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from, overwrite,
+                        progress_seconds) -> dict:
+  """train_and_evaluate, holding the workdir."""
   wall_start = time.time()
   is_chief = jax.process_index() == 0
   log = log if is_chief else (lambda *args, **kwargs: None)
-  if checkpoint_every is not None and checkpoint_every < 0:
-    raise bw.UsageError(f'--checkpoint_every must be 0 or more, got {checkpoint_every}')
-  _prepare_workdir(config, workdir, overwrite, is_chief, log)
+  _check_workdir(config, workdir, overwrite)
   dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
   mean, std = data.normalization_stats(dataset.train_images)
   image_shape = dataset.image_shape
@@ -173,16 +202,25 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
   if steps_per_epoch == 0:
     raise bw.UsageError(f'--batch_size={config.batch_size} is larger than the '
                         f'{len(dataset.train_images)} training images')
-  schedule_steps = config.epochs * steps_per_epoch
-  last_step = min(schedule_steps, config.max_steps or schedule_steps)
+  # max_steps replaces the epochs; the warm-up keeps its share of the schedule.
+  schedule_steps = config.max_steps or config.epochs * steps_per_epoch
+  warmup_steps = round(schedule_steps * config.warmup_epochs / config.epochs)
+  last_step = min(schedule_steps, config.stop_at_step or schedule_steps)
   # Block-parallel pipelines make one optimizer step per micro-batch.
   updates_per_batch = optimizer_steps_per_batch(config)
+  learning_rate = bw.optimizers.learning_rate_schedule(
+      config.lr, total_steps=schedule_steps * updates_per_batch,
+      warmup_steps=warmup_steps * updates_per_batch)
   tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr,
                          total_steps=schedule_steps * updates_per_batch,
                          momentum=config.momentum, weight_decay=config.weight_decay,
-                         warmup_steps=config.warmup_epochs * steps_per_epoch * updates_per_batch)
+                         warmup_steps=warmup_steps * updates_per_batch)
 
-  engine = make_engine(config, model, tx, image_shape)  # Checks the device setup before anything is saved.
+  # Checks the device setup before anything is saved.
+  engine = make_engine(config, model, tx, image_shape)
+  if is_chief:  # The run starts: from here on the workdir is its.
+    _write_workdir(config, workdir, overwrite, log)
+    lock.keep()
   manager = checkpoint.make_manager(os.path.join(workdir, CHECKPOINT_DIR))
   try:
     start_step = _resume_step(manager, resume_from)
@@ -198,6 +236,8 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
         f'{list(bw.partition.block_unit_counts(model))} units, mode {config.mode}, '
         f'{bw.backbone_param_count(model, states):,} backbone parameters, '
         f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
+    log(f'learning rate {config.lr:g}, {warmup_steps} warm-up steps, cosine decay to 0 at '
+        f'step {schedule_steps}; augmentation {config.augment}')
     if start_step is None:
       log(f'starting at step 0 of {last_step}; checkpoints in {manager.directory}')
     else:
@@ -207,7 +247,9 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
       _truncate_metrics(workdir, start_step or 0)
     states = engine.put_states(states)
     run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
-               last_step, checkpoint_every, log, is_chief)
+               last_step, checkpoint_every, log, is_chief,
+               lambda step: float(learning_rate(max(step * updates_per_batch - 1, 0))),
+               progress_seconds)
     states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
     host_states = engine.host_states(states)
     run.check_finite_params(host_states, loop.step)
@@ -235,7 +277,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
     }
     if is_chief:
       writers.write_results(workdir, results)
-      writers.plot_block_curves(workdir)
+      writers.plot_block_curves(workdir, writers.run_title(results))
     # The final checkpoint comes after results.json: a checkpoint at the last step
     # means the run is complete, and a rerun then has nothing to do.
     run.save(states, loop)
@@ -251,12 +293,20 @@ class _Run:
   """The loop of one process over its remaining steps; owns the writers and the signals."""
 
   def __init__(self, config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
-               last_step, checkpoint_every, log, is_chief):
+               last_step, checkpoint_every, log, is_chief, learning_rate, progress_seconds):
     self.config, self.workdir, self.engine, self.manager = config, workdir, engine, manager
     self.dataset, self.mean, self.std = dataset, mean, std
     self.steps_per_epoch, self.last_step = steps_per_epoch, last_step
     self.checkpoint_every, self.log, self.is_chief = checkpoint_every, log, is_chief
+    # The learning rate of the last update before a step: learning_rate(step) -> float.
+    self.learning_rate, self.progress_seconds = learning_rate, progress_seconds
     self.saved_step = None
+    self.clock = None  # (loop.wall_seconds, time.monotonic()) when this process began.
+    self.last_record = None  # (train_seconds, timed_images) at the previous train record.
+
+  def elapsed(self) -> float:
+    """Seconds spent in the loop so far, counting the runs this one resumed."""
+    return self.clock[0] + time.monotonic() - self.clock[1]
 
   def checkpoint_due(self, step: int) -> bool:
     if step == 0:
@@ -272,6 +322,7 @@ class _Run:
       return path
     host_states = self.engine.host_states(states)
     self.check_finite_params(host_states, loop.step)
+    loop.wall_seconds = self.elapsed()
     checkpoint.save(self.manager, loop.step, host_states,
                     loop.to_meta(self.config, self.steps_per_epoch))
     self.saved_step = loop.step
@@ -309,8 +360,11 @@ class _Run:
     """Trains from `loop.step` to the last step; returns (states, loop, train and test metrics)."""
     config, steps_per_epoch, last_step = self.config, self.steps_per_epoch, self.last_step
     self.saved_step = start_step
+    self.clock = (loop.wall_seconds, time.monotonic())
+    self.last_record = (loop.train_seconds, loop.timed_images)
     writer = writers.MetricWriter(self.workdir, enabled=self.is_chief)
-    progress = writers.Progress(last_step, enabled=self.is_chief)
+    progress = writers.Progress(last_step, steps_per_epoch, config.batch_size,
+                                enabled=self.is_chief, interval_s=self.progress_seconds)
     train_metrics = test_metrics = None
     try:
       with _StopSignals() as stop:
@@ -331,6 +385,7 @@ class _Run:
             self.stop(states, loop, stop.signum, progress)
           states = self.train_segment(states, loop, stop, progress)
     finally:
+      progress.close()
       writer.close()
     return states, loop, train_metrics, test_metrics
 
@@ -377,8 +432,15 @@ class _Run:
     progress.clear()
     train_metrics = {name: value / loop.train_count for name, value in loop.train_sums.items()}
     loop.train_sums, loop.train_count = None, 0
+    # images/s over the steps since the previous record that this process timed.
+    seconds = loop.train_seconds - self.last_record[0]
+    images = loop.timed_images - self.last_record[1]
+    self.last_record = (loop.train_seconds, loop.timed_images)
+    elapsed = self.elapsed()
     writer.write({'split': 'train', 'step': step, 'epoch': step / steps_per_epoch,
-                  **train_metrics})
+                  **train_metrics, 'learning_rate': self.learning_rate(step),
+                  'images_per_sec': images / seconds if seconds > 0 else None,
+                  'elapsed_s': elapsed})
     line = (f'epoch {step / steps_per_epoch:6.2f}  step {step:6d}  train loss '
             f'{writers.format_blocks(train_metrics["loss"])} '
             f'acc {writers.format_blocks(train_metrics["accuracy"])}')
@@ -389,7 +451,7 @@ class _Run:
       test_metrics = evaluate(self.engine, states, self.dataset, self.config, self.mean,
                               self.std)
       writer.write({'split': 'test', 'step': step, 'epoch': step / steps_per_epoch,
-                    **test_metrics})
+                    **test_metrics, 'elapsed_s': self.elapsed()})
       line += f'  test acc {writers.format_blocks(test_metrics["accuracy"])}'
     if np.any(train_metrics['skipped']):
       line += f'  skipped updates {loop.skipped_updates}'
@@ -435,21 +497,75 @@ class _StopSignals:
       signal.signal(signum, handler)
 
 
-def _prepare_workdir(config: Config, workdir: str, overwrite: bool, is_chief: bool, log):
-  """Checks that `workdir` holds this run (or none) and records the config in it."""
+class WorkdirLock:
+  """One run per workdir: an exclusive flock on `<workdir>/.lock`, naming its holder.
+
+  The kernel drops an flock when its process ends, however it ends, so a killed
+  run leaves no stale lock; the file stays, and the next run locks it again. The
+  file holds the holder's host and pid for the message a refused run prints.
+  Until `keep()`, `release()` also removes the lock file and the workdir if this
+  lock created them: a run that fails to start leaves the workdir as it was.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    # The outermost folder this lock creates (None: the workdir exists).
+    self.created_folder = None
+    folder = os.path.abspath(workdir)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+      self.created_folder, folder = folder, os.path.dirname(folder)
+    self.kept = False
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      while True:
+        self.created_file = not os.path.exists(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+          holder = os.read(fd, 200).decode(errors='replace').strip() or 'starting up'
+          os.close(fd)
+          raise bw.UsageError(f'workdir {workdir} is in use by another run ({holder}); wait '
+                              f'for it to end, or use another --workdir') from None
+        # A run that failed to start may have removed the file between open and flock;
+        # only the file still at the path counts.
+        if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+          break
+        os.close(fd)
+      os.ftruncate(fd, 0)
+      os.write(fd, f'host {socket.gethostname()}, pid {os.getpid()}\n'.encode())
+    except OSError as e:
+      raise bw.UsageError(f'cannot lock workdir {workdir} ({e.strerror or e}); use another '
+                          f'--workdir') from None
+    self.fd = fd
+
+  def keep(self):
+    """The run has started writing its files: release() leaves the workdir and lock file."""
+    self.kept = True
+
+  def release(self):
+    if not self.kept:
+      try:
+        if self.created_file:
+          os.remove(self.path)  # Still locked, so no other run holds this file.
+        folder = os.path.abspath(self.workdir)
+        while self.created_folder is not None:
+          os.rmdir(folder)
+          if folder == self.created_folder:
+            break
+          folder = os.path.dirname(folder)
+      except OSError:
+        pass  # Another run has begun using it in the meantime.
+    os.close(self.fd)
+
+
+def _check_workdir(config: Config, workdir: str, overwrite: bool):
+  """Checks, writing nothing, that `workdir` holds this run, none, or one to overwrite."""
   config_path = os.path.join(workdir, CONFIG_FILE)
   if overwrite:
-    removed = [name for name in RUN_FILES if os.path.lexists(os.path.join(workdir, name))]
-    if is_chief:
-      for name in removed:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-          shutil.rmtree(path)
-        else:
-          os.remove(path)
-    if removed:
-      log(f'--overwrite: removed {", ".join(removed)} from {workdir}')
-  elif os.path.exists(config_path):
+    return
+  if os.path.exists(config_path):
     try:
       with open(config_path) as f:
         stored = config_lib.config_from_json(f.read())
@@ -465,12 +581,26 @@ def _prepare_workdir(config: Config, workdir: str, overwrite: bool, is_chief: bo
   elif os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise bw.UsageError(f'workdir {workdir} has checkpoints but no {CONFIG_FILE} to tell '
                         f'which run they belong to; use another --workdir or --overwrite')
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = config_path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n')
-    os.replace(tmp, config_path)
+
+
+def _write_workdir(config: Config, workdir: str, overwrite: bool, log):
+  """Removes the old run's files (with `overwrite`) and records this run's config."""
+  if overwrite:
+    removed = [name for name in RUN_FILES if os.path.lexists(os.path.join(workdir, name))]
+    for name in removed:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    if removed:
+      log(f'--overwrite: removed {", ".join(removed)} from {workdir}')
+  os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  tmp = config_path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, config_path)
 
 
 def _resume_step(manager, resume_from) -> Optional[int]:

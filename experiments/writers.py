@@ -1,12 +1,19 @@
 """Where a run's numbers go: the console, JSON lines, TensorBoard, a plot and results.json.
 
 Only the chief process (index 0) writes; the others get a writer that does nothing.
+
+Blocks are numbered 1..K everywhere a person reads them: console lines, error
+messages, the plot's legend and TensorBoard tags (`train/loss/block1` is the
+first block). In metrics.jsonl and results.json a per-block value is a list in
+block order, so block k is element k - 1 and the last element is the output head.
 """
 
+import datetime
 import json
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -53,7 +60,7 @@ class MetricWriter:
       if key in ('split', 'step', 'epoch'):
         continue
       values = value if isinstance(value, list) else [value]
-      for k, v in enumerate(values):
+      for k, v in enumerate(values, start=1):
         if isinstance(v, (int, float)):
           name = f'{record["split"]}/{key}' + (f'/block{k}' if isinstance(value, list) else '')
           self._tensorboard.add_scalar(name, v, record['step'])
@@ -71,13 +78,20 @@ def read_metrics(workdir: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_block_curves(workdir: str) -> str:
-  """Draws every block's test accuracy and train/test loss against the epoch."""
+def run_title(results: dict) -> str:
+  """What a run was, for the plot: e.g. 'vgg11 x0.25 on digits, bwbpf, K=4'."""
+  config = results['config']
+  width = f' x{config["width"]:g}' if config.get('width', 1.0) != 1.0 else ''
+  num_blocks = len(results['split_points']) + 1
+  return f'{config["arch"]}{width} on {config["dataset"]}, {config["mode"]}, K={num_blocks}'
+
+
+def draw_block_curves(records: list, title: str = None):
+  """The figure of `plot_block_curves` from metrics.jsonl's records."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  records = read_metrics(workdir)
   fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
   for split, style in (('test', '-'), ('train', ':')):
     rows = [r for r in records if r['split'] == split]
@@ -98,7 +112,19 @@ def plot_block_curves(workdir: str) -> str:
               yscale='log')
   acc_ax.legend(fontsize=7)
   loss_ax.legend(fontsize=6, ncol=2)
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
+  return fig
+
+
+def plot_block_curves(workdir: str, title: str = None) -> str:
+  """Draws every block's test accuracy and train/test loss against the epoch; returns the path.
+
+  `title` names the run (`run_title(results)`); without it the plot has none.
+  """
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = draw_block_curves(read_metrics(workdir), title)
   path = os.path.join(workdir, PLOT_FILE)
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -114,17 +140,50 @@ def write_results(workdir: str, results: dict):
   os.replace(tmp, path)
 
 
-class Progress:
-  """A one-line progress bar with images/s on a terminal; silent when output is a file."""
+# Seconds between progress lines in a log file (stdout not a terminal).
+PROGRESS_SECONDS = 30.0
 
-  def __init__(self, total_steps: int, enabled: bool = True, stream=None):
+
+def _duration(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class Progress:
+  """Where the run is, while it trains.
+
+  On a terminal (stderr), a one-line bar redrawn in place. When stdout is not a
+  terminal (a cluster job's log file), a line every `interval_s` seconds:
+  `progress: step 120/440 (epoch 2.73), 912 img/s, 0:00:17 elapsed, about 0:00:35 left`.
+  The lines come from a background thread, so they keep coming while a step
+  compiles or the test set is evaluated; images/s and time left count only the
+  steps timed since this process began training.
+  """
+
+  def __init__(self, total_steps: int, steps_per_epoch: int, batch_size: int,
+               enabled: bool = True, stream=None, log_stream=None,
+               interval_s: float = PROGRESS_SECONDS):
     self.stream = stream or sys.stderr
+    self.log_stream = log_stream or sys.stdout
     self.enabled = enabled and self.stream.isatty()
-    self.total_steps = total_steps
+    self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+    self.batch_size = batch_size
     self._last_draw = 0.0
+    self._start = time.monotonic()
+    self._step, self._step_time = None, None
+    self._timed = None  # (first timed step, its time): the rate counts from there.
+    self._stop = threading.Event()
+    self._thread = None
+    if enabled and not self.log_stream.isatty() and interval_s > 0:
+      self._thread = threading.Thread(target=self._log_every, args=(interval_s,), daemon=True,
+                                      name='progress')
+      self._thread.start()
 
   def update(self, step: int, epoch: int, images_per_sec: float):
+    """Called after each step is dispatched; `images_per_sec` is the segment's rate."""
     now = time.monotonic()
+    self._step, self._step_time = step, now
+    if self._timed is None and images_per_sec:
+      self._timed = (step, now)
     if not self.enabled or (now - self._last_draw < 0.2 and step < self.total_steps):
       return
     self._last_draw = now
@@ -133,10 +192,36 @@ class Progress:
                       f'step {step}/{self.total_steps}  {images_per_sec:7.1f} img/s ')
     self.stream.flush()
 
+  def line(self) -> str:
+    """The log line for now."""
+    now = time.monotonic()
+    step = self._step or 0
+    text = (f'progress: step {step}/{self.total_steps} '
+            f'(epoch {step / self.steps_per_epoch:.2f})')
+    if self._timed is not None and step > self._timed[0] and self._step_time > self._timed[1]:
+      steps_per_sec = (step - self._timed[0]) / (self._step_time - self._timed[1])
+      text += (f', {steps_per_sec * self.batch_size:.0f} img/s, '
+               f'{_duration(now - self._start)} elapsed, about '
+               f'{_duration((self.total_steps - step) / steps_per_sec)} left')
+    else:
+      text += f', {_duration(now - self._start)} elapsed'
+    return text
+
+  def _log_every(self, interval_s: float):
+    while not self._stop.wait(interval_s):
+      print(self.line(), file=self.log_stream, flush=True)
+
   def clear(self):
     if self.enabled:
       self.stream.write('\r' + ' ' * 90 + '\r')
       self.stream.flush()
+
+  def close(self):
+    """Clears the bar and stops the log lines."""
+    self.clear()
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
 
 
 def format_blocks(values, fmt='{:.3f}') -> str:

@@ -308,9 +308,16 @@ def test_tiny_imagenet_missing_val_image(tiny_imagenet, tmp_path):
 # tensorflow-datasets (imported only here; the loaders import it lazily).
 
 
+@pytest.fixture
+def tfds_mock_offline(monkeypatch):
+  """The test replaces tfds' download, so the download host need not answer."""
+  monkeypatch.setattr(datasets, '_check_reachable', lambda urls: None)
+  return pytest.importorskip('tensorflow_datasets')
+
+
 @pytest.mark.parametrize('name, num_classes', [('cifar10', 10), ('cifar100', 100)])
-def test_tfds_cifar(tmp_path, name, num_classes):
-  tfds = pytest.importorskip('tensorflow_datasets')
+def test_tfds_cifar(tmp_path, name, num_classes, tfds_mock_offline):
+  tfds = tfds_mock_offline
   with tfds.testing.mock_data(num_examples=6):
     dataset = data.load_dataset(name, data_dir=str(tmp_path))
   for images, labels in ((dataset.train_images, dataset.train_labels),
@@ -321,15 +328,15 @@ def test_tfds_cifar(tmp_path, name, num_classes):
   assert dataset.num_classes == num_classes and len(dataset.class_names) == num_classes
 
 
-def test_tfds_image_size(tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
+def test_tfds_image_size(tmp_path, tfds_mock_offline):
+  tfds = tfds_mock_offline
   with tfds.testing.mock_data(num_examples=3):
     dataset = data.load_dataset('cifar10', data_dir=str(tmp_path), image_size=16)
   assert dataset.train_images.shape == (3, 16, 16, 3)
 
 
-def test_tfds_not_prepared_and_no_network(tmp_path, monkeypatch):
-  tfds = pytest.importorskip('tensorflow_datasets')
+def test_tfds_not_prepared_and_no_network(tmp_path, monkeypatch, tfds_mock_offline):
+  tfds = tfds_mock_offline
 
   def no_network(self, *args, **kwargs):
     raise OSError('network is unreachable')
@@ -341,3 +348,42 @@ def test_tfds_not_prepared_and_no_network(tmp_path, monkeypatch):
   assert 'not prepared under' in message and str(tmp_path / 'empty') in message
   assert 'tfds build cifar10' in message and '--dataset=imagefolder' in message
   assert 'network is unreachable' in message and '\n' not in message
+
+
+def test_tfds_download_path_without_network_is_one_line(tmp_path, monkeypatch):
+  """tfds' own download_and_prepare runs; only its network call is replaced by a failing one.
+
+  This is the path a fresh install takes online; a package tfds imports on the way
+  (importlib_resources) would surface here as an import error instead of this line.
+  """
+  pytest.importorskip('tensorflow_datasets')
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+
+  def no_network(url, **kwargs):
+    raise ConnectionError(f'network is unreachable (test): {url}')
+
+  monkeypatch.setattr(downloader, '_open_url', no_network)
+  monkeypatch.setattr(datasets, '_check_reachable', lambda urls: None)  # Straight to tfds.
+  with pytest.raises(UsageError) as raised:
+    data.load_dataset('cifar10', data_dir=str(tmp_path / 'tfds'))
+  message = str(raised.value)
+  assert 'No module named' not in message and 'ImportError' not in message, message
+  assert 'ConnectionError: network is unreachable (test): https://' in message, message
+  assert 'tfds build cifar10' in message and '\n' not in message
+
+
+def test_tfds_unreachable_host_fails_before_tfds_retries(tmp_path, monkeypatch):
+  pytest.importorskip('tensorflow_datasets')
+  import requests  # pylint: disable=g-import-not-at-top
+  tfds_download_started = []
+  from tensorflow_datasets.core import dataset_builder  # pylint: disable=g-import-not-at-top
+
+  def no_route(url, **kwargs):
+    raise requests.ConnectionError(f'no route to host (test): {url}')
+
+  monkeypatch.setattr(requests, 'head', no_route)
+  monkeypatch.setattr(dataset_builder.DatasetBuilder, 'download_and_prepare',
+                      lambda *args, **kwargs: tfds_download_started.append(True))
+  with pytest.raises(UsageError, match=r'ConnectionError: www\.cs\.toronto\.edu is unreachable'):
+    data.load_dataset('cifar10', data_dir=str(tmp_path / 'tfds'))
+  assert not tfds_download_started

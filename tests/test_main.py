@@ -2,13 +2,18 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 from PIL import Image
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +35,8 @@ class EndToEndTest(absltest.TestCase):
   def test_short_digits_run_writes_every_output(self):
     workdir = self.create_tempdir().full_path
     proc = run_main('--dataset=digits', '--arch=resnet18', '--width=0.125', '--num_blocks=2',
-                    '--max_steps=3', '--batch_size=32', f'--workdir={workdir}')
+                    '--max_steps=3', '--batch_size=32', '--augment=crop_flip',
+                    f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('test accuracy', proc.stdout)
     results = json.load(open(os.path.join(workdir, 'results.json')))
@@ -41,13 +47,26 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(results['test_accuracy'], results['block_test_accuracy'][-1])
     self.assertEqual(results['steps'], 3)
     self.assertEqual(results['config']['arch'], 'resnet18')
+    self.assertEqual(results['config']['augment'], 'crop_flip')
     self.assertGreater(results['images_per_sec'], 0)
     records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
     self.assertEqual([r['split'] for r in records], ['train', 'test'])
     self.assertLen(records[0]['loss'], 2)
+    for key in ('learning_rate', 'images_per_sec', 'elapsed_s'):
+      self.assertIn(key, records[0])
     self.assertTrue(os.listdir(os.path.join(workdir, 'tensorboard')))
     with Image.open(os.path.join(workdir, 'block_curves.png')) as plot:
       self.assertGreater(plot.size[0], 500)
+
+
+  def test_no_augmentation_and_its_old_spelling(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_main('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2',
+                    '--max_steps=1', '--batch_size=32', '--noaugment', f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('augmentation none', proc.stdout)
+    self.assertEqual(json.load(open(os.path.join(workdir, 'results.json')))['config']['augment'],
+                     'none')
 
 
 class BadInputTest(parameterized.TestCase):
@@ -95,7 +114,110 @@ class BadInputTest(parameterized.TestCase):
     self.assertIn('broken.png', _stderr_last_line(proc))
 
 
+class WorkdirTest(absltest.TestCase):
+  """A user's first runs: a failed start, a rerun, a second run on the same workdir."""
+
+  @pytest.mark.slow
+  def test_one_run_per_workdir_failed_start_rerun_progress_and_max_steps(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'runs', 'digits')
+    # A failed start (the data is missing) leaves nothing behind, not even the workdir.
+    proc = run_main('--dataset=imagefolder', f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertIn('needs data_dir', _stderr_last_line(proc))
+    self.assertFalse(os.path.exists(os.path.dirname(workdir)))
+
+    # The fixed rerun in the same workdir, stdout to a file as in a cluster job.
+    log_path = os.path.join(self.create_tempdir().full_path, 'log')
+    with open(log_path, 'w') as log:
+      first = subprocess.Popen(
+          [sys.executable, '-m', 'experiments.main', '--dataset=digits', '--arch=vgg11',
+           '--width=0.125', '--num_blocks=2', '--batch_size=32', '--max_steps=50',
+           '--progress_seconds=0.2', f'--workdir={workdir}'],
+          cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, stdout=log,
+          stderr=subprocess.PIPE, text=True)
+    try:
+      lock_path = os.path.join(workdir, '.lock')
+      holder = f'pid {first.pid}'
+      deadline = time.monotonic() + 240
+      while not (os.path.exists(lock_path) and holder in open(lock_path).read()):
+        self.assertIsNone(first.poll(), 'the first run ended before taking the lock')
+        self.assertLess(time.monotonic(), deadline)
+        time.sleep(0.05)
+      # Frozen while it holds the lock: the second run meets it there, whatever the timing.
+      first.send_signal(signal.SIGSTOP)
+      before = sorted(os.listdir(workdir))
+      second = run_main('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2',
+                        '--batch_size=32', '--max_steps=50', f'--workdir={workdir}')
+      self.assertEqual(sorted(os.listdir(workdir)), before)  # It wrote nothing.
+    finally:
+      first.send_signal(signal.SIGCONT)
+    self.assertEqual(second.returncode, 2, second.stderr[-2000:])
+    self.assertRegex(_stderr_last_line(second),
+                     rf'^error: workdir {re.escape(workdir)} is in use by another run \(host '
+                     rf'\S+, pid {first.pid}\); wait for it to end, or use another --workdir$')
+    _, stderr = first.communicate(timeout=300)
+    self.assertEqual(first.returncode, 0, stderr[-3000:])
+
+    with open(log_path) as f:
+      log_lines = f.read().splitlines()
+    self.assertTrue(any(re.fullmatch(r'progress: step \d+/50 \(epoch \d\.\d\d\), .*elapsed.*',
+                                     line) for line in log_lines), log_lines)
+    self.assertTrue(any('test accuracy' in line for line in log_lines))
+    results = json.load(open(os.path.join(workdir, 'results.json')))
+    self.assertEqual(results['steps'], 50)
+    self.assertEqual(results['config']['augment'], 'crop')  # The digits default: no flips.
+    records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+    self.assertEqual([(r['split'], r['step']) for r in records],
+                     [('train', 44), ('test', 44), ('train', 50), ('test', 50)])  # No doubles.
+    # --max_steps is a whole run: the schedule has decayed to (almost) nothing by its end.
+    self.assertLess(records[-2]['learning_rate'], 0.01 * 0.05)
+    self.assertGreater(records[0]['learning_rate'], 0.01 * 0.05)
+
+  @pytest.mark.slow
+  def test_cifar10_without_network_fails_fast_with_one_line(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    # A proxy that refuses every connection: no network, on any machine.
+    offline = {'HTTPS_PROXY': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9',
+               'https_proxy': 'http://127.0.0.1:9', 'http_proxy': 'http://127.0.0.1:9',
+               'NO_PROXY': '', 'no_proxy': ''}
+    proc = run_main('--dataset=cifar10', f'--data_dir={self.create_tempdir().full_path}',
+                    f'--workdir={workdir}', timeout=120, env=offline)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertNotIn('Traceback', proc.stderr)
+    line = _stderr_last_line(proc)
+    self.assertRegex(line, r'^error: Dataset cifar10 is not prepared under .* could not be '
+                           r'downloaded \(ConnectionError: www\.cs\.toronto\.edu is unreachable')
+    self.assertNotIn('No module named', line)
+    self.assertFalse(os.path.exists(workdir))
+
+
+class PresetsTest(absltest.TestCase):
+
+  def test_list_presets_and_helpfull_name_them(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    listed = run_main('--list_presets')
+    self.assertEqual(listed.returncode, 0, listed.stderr[-2000:])
+    self.assertEqual([line.split(':')[0] for line in listed.stdout.splitlines()],
+                     list(config_lib.PRESETS))
+    self.assertIn('paper_cifar10_resnet101_k8: dataset=cifar10, arch=resnet101, num_blocks=8',
+                  listed.stdout)
+    helpfull = run_main('--helpfull')
+    for name in config_lib.PRESETS:
+      self.assertIn(name, helpfull.stdout)
+
+
 class ConfigTest(absltest.TestCase):
+
+  def test_augmentation_defaults_per_dataset_and_old_configs(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    self.assertEqual(config_lib.make_config({}).augment, 'crop')  # Digits: no mirror images.
+    self.assertEqual(config_lib.make_config({'dataset': 'cifar10'}).augment, 'crop_flip')
+    self.assertEqual(config_lib.make_config({'augment': 'none'}).augment, 'none')
+    with self.assertRaisesRegex(Exception, 'augment must be one of crop_flip, crop, none'):
+      config_lib.make_config({'augment': 'flip'})
+    for stored, expected in ((True, 'crop_flip'), (False, 'none')):
+      old = json.dumps({**config_lib.make_config({}).to_dict(), 'augment': stored})
+      self.assertEqual(config_lib.config_from_json(old).augment, expected)
 
   def test_precedence_flag_over_preset_over_dataset_default(self):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -78,9 +78,10 @@ def test_start_step_resumes_exactly(dataset):
   assert _train(dataset, start_step=12) == []
 
 
-def test_without_augmentation_images_are_normalised_originals(dataset):
+@pytest.mark.parametrize('augment', [False, 'none'])
+def test_without_augmentation_images_are_normalised_originals(dataset, augment):
   images, _, mean, std = dataset
-  for batch in _train(dataset, augment=False):
+  for batch in _train(dataset, augment=augment):
     np.testing.assert_array_equal(batch['image'], data.normalize(images[batch['label']], mean, std))
 
 
@@ -166,6 +167,28 @@ def test_normalised_batches_have_zero_mean_unit_std(dataset):
   assert images.shape[0] == NUM_EXAMPLES
   np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=1e-5)
+
+
+def test_crop_only_crops_as_crop_flip_does_and_never_flips(dataset):
+  images, _, mean, std = dataset
+  pad = IMAGE_SIZE // 8
+  offsets = np.array(list(itertools.product(range(2 * pad + 1), repeat=2)))
+  cropped, crop_flipped = _train(dataset, augment='crop')[:4], _train(dataset)[:4]
+  same = 0
+  for crop_batch, crop_flip_batch in zip(cropped, crop_flipped):
+    for image, label in zip(crop_batch['image'], crop_batch['label']):
+      crops = data.crop_and_flip(np.repeat(images[label][None], len(offsets), 0), offsets,
+                                 np.zeros(len(offsets), bool), pad)
+      assert any(np.array_equal(crop, image) for crop in data.normalize(crops, mean, std)), (
+          f'example {label} is no unflipped crop of its source')
+    same += np.all(crop_batch['image'] == crop_flip_batch['image'], axis=(1, 2, 3)).sum()
+  # The same crops: only crop_flip's flipped images differ (about half of 32).
+  assert 0 < same < 32
+
+
+def test_unknown_augmentation_is_refused(dataset):
+  with pytest.raises(UsageError, match='augment must be one of crop_flip, crop, none'):
+    _train(dataset, augment='flip')
 
 
 def test_crop_and_flip_exact():

@@ -8,7 +8,9 @@ shuffles, augments and batches them with numpy. Images stay uint8
 Sources:
   digits         scikit-learn's bundled 8x8 digits, upsampled to 32x32 so the
                  CIFAR models' five poolings still fit; for tests and demos.
-  cifar10/100    tensorflow-datasets, prepared under `data_dir`.
+  cifar10/100    tensorflow-datasets, prepared under `data_dir` (downloaded and
+                 prepared there on first use; without network access the load
+                 fails within seconds, naming the host it could not reach).
   tiny_imagenet  the `tiny-imagenet-200` folder as distributed; val/ is the
                  test split, labelled by val/val_annotations.txt.
   imagefolder    train/<class>/* and test/<class>/* image files.
@@ -43,6 +45,8 @@ DATASET_NAMES = ('digits', 'cifar10', 'cifar100', 'tiny_imagenet', 'imagefolder'
 
 _TFDS_NAMES = ('cifar10', 'cifar100')
 _TFDS_BATCH = 10_000
+# Seconds to wait for a dataset's download host before calling the network unreachable.
+_REACHABLE_TIMEOUT_S = 10
 _DIGITS_IMAGE_SIZE = 32
 _TINY_IMAGENET_FOLDER = 'tiny-imagenet-200'
 # Bump when the cached arrays' meaning changes, so old cache files are ignored.
@@ -179,7 +183,12 @@ def _load_tfds(name: str, data_dir: Optional[str], image_size: Optional[int]) ->
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     try:
+      # tfds retries an unreachable host for minutes; one quick request says the same.
+      _check_reachable(type(builder).url_infos or {})
       builder.download_and_prepare()
+    except ImportError as error:
+      raise UsageError(f'Dataset {name} cannot be downloaded: tensorflow-datasets needs a '
+                       f'missing package ({error}); pip install -r requirements.txt') from error
     except Exception as error:  # pylint: disable=broad-except
       reason = ': '.join([type(error).__name__] + str(error).strip().splitlines()[:1])
       raise UsageError(
@@ -202,6 +211,26 @@ def _load_tfds(name: str, data_dir: Optional[str], image_size: Optional[int]) ->
   label_feature = builder.info.features['label']
   return Dataset(name=name, num_classes=label_feature.num_classes,
                  class_names=tuple(label_feature.names), **arrays)
+
+
+def _check_reachable(urls):
+  """Raises ConnectionError (or requests' subclass of it) if a download host does not answer.
+
+  One HEAD request per host, through the same `requests` library (and so the
+  same HTTPS_PROXY settings) that tfds downloads with. Any HTTP answer counts as
+  reachable; only a failed connection or a timeout does not.
+  """
+  import requests  # A dependency of tensorflow-datasets.
+  checked = set()
+  for url in urls:
+    host = url.split('/')[2] if '://' in url else url
+    if host in checked:
+      continue
+    checked.add(host)
+    try:
+      requests.head(url, timeout=_REACHABLE_TIMEOUT_S, allow_redirects=False)
+    except (requests.ConnectionError, requests.Timeout) as error:
+      raise ConnectionError(f'{host} is unreachable: {type(error).__name__}') from error
 
 
 def _resize_all(images: np.ndarray, image_size: int) -> np.ndarray:

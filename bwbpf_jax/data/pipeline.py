@@ -10,8 +10,10 @@ With several processes (multi-host), every process computes the same global
 batch order and random numbers and keeps only its contiguous slice, so the
 slices of all processes put together are the global batch.
 
-Augmentation is the CIFAR standard (random crop of the zero-padded image, pad
-H // 8, and random horizontal flip), done with one vectorised gather per batch.
+Augmentation (`AUGMENTATIONS`) is the CIFAR standard, a random crop of the
+zero-padded image (pad H // 8) and a random horizontal flip ('crop_flip'); the
+crop alone ('crop'), for images whose mirror is another thing (a mirrored digit
+is another shape); or nothing ('none'). One vectorised gather per batch.
 """
 
 import queue
@@ -29,6 +31,7 @@ _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1
 # Images per bincount in normalization_stats.
 _STATS_CHUNK = 1024
+AUGMENTATIONS = ('crop_flip', 'crop', 'none')
 
 
 def normalization_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -114,7 +117,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
-                  epoch: int, mean, std, augment: bool = True, start_step: int = 0,
+                  epoch: int, mean, std, augment='crop_flip', start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
   """One epoch of shuffled, augmented, normalised training batches.
 
@@ -124,7 +127,10 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
     batch_size: the GLOBAL batch size, summed over processes.
     seed, epoch: non-negative ints; the batches are a pure function of them.
     mean, std: float [C] from `normalization_stats` of the training set.
-    augment: random crop (zero padding H // 8) and horizontal flip.
+    augment: one of `AUGMENTATIONS`: 'crop_flip' (random crop, zero padding
+      H // 8, and horizontal flip), 'crop', or 'none'. True and False mean
+      'crop_flip' and 'none'. 'crop' crops exactly as 'crop_flip' does (the
+      same draws), without the flips.
     start_step: first step to yield, for resuming mid-epoch.
     process_index, process_count: this process's slice of each global batch.
 
@@ -138,6 +144,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
   """
   _check_images(images)
   labels = _check_labels(labels, images)
+  augment = _check_augment(augment)
   local_batch_size = _local_batch_size(batch_size, process_index, process_count)
   for argument, value in (('seed', seed), ('epoch', epoch)):
     if not isinstance(value, (int, np.integer)) or value < 0:
@@ -157,15 +164,23 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
     for step in range(start_step, num_steps):
       indices = order[step * batch_size:(step + 1) * batch_size][local]
       batch_images = images[indices]
-      if augment:
+      if augment != 'none':
         # Drawn for the whole global batch, so every process slices the same draws.
         rng = np.random.default_rng((_AUGMENTATION_STREAM, seed, epoch, step))
         offsets = rng.integers(0, 2 * pad + 1, size=(batch_size, 2))
-        flips = rng.random(batch_size) < 0.5
+        flips = (rng.random(batch_size) < 0.5) & (augment == 'crop_flip')
         batch_images = crop_and_flip(batch_images, offsets[local], flips[local], pad)
       yield {'image': normalize(batch_images, mean, std), 'label': labels[indices]}
 
   return batches()
+
+
+def _check_augment(augment) -> str:
+  if isinstance(augment, (bool, np.bool_)):
+    return 'crop_flip' if augment else 'none'
+  if augment not in AUGMENTATIONS:
+    raise UsageError(f'augment must be one of {", ".join(AUGMENTATIONS)}, got {augment!r}.')
+  return augment
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,

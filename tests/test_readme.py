@@ -1,0 +1,23 @@
+"""The README's library snippet runs as written."""
+
+import os
+import re
+
+import numpy as np
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+
+
+def _python_blocks(text):
+  return re.findall(r'^```python\n(.*?)^```$', text, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_readme_library_snippet_runs_as_written():
+  with open(README) as f:
+    blocks = _python_blocks(f.read())
+  assert len(blocks) == 1, 'the README has one python snippet; run each one if that changes'
+  namespace = {}
+  exec(compile(blocks[0], 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  losses = np.asarray(namespace['metrics']['loss'])
+  assert losses.shape == (namespace['model'].num_blocks,) and np.all(np.isfinite(losses))
+  assert np.asarray(namespace['sums']['correct']).shape == losses.shape
