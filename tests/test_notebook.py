@@ -15,11 +15,12 @@ class NotebookTest(absltest.TestCase):
   def test_notebook_runs_sharded_and_plots(self):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     saved = dict(os.environ)
-    # The kernel inherits the environment: 2 emulated CPU devices, so parallel='auto'
-    # takes the sharded data-parallel step, as on a TPU.
+    # The kernel inherits the environment: 8 emulated CPU devices, as on a TPU v2-8, so
+    # parallel='auto' takes the sharded data-parallel step, and the block-parallel
+    # section runs the stage pipeline on 4 stages x 2 data rows.
     os.environ['BWBPF_NOTEBOOK_SMOKE'] = '1'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_force_host_platform_device_count=2')
+                               ' --xla_force_host_platform_device_count=8')
     try:
       nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                               resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}
@@ -32,8 +33,9 @@ class NotebookTest(absltest.TestCase):
     texts = ''.join(o.get('text', '') + str(o.get('data', {}).get('text/plain', ''))
                     for o in outputs)
     self.assertIn('test_accuracy', texts)
-    self.assertIn("'num_devices': 2", texts)
-    self.assertIn("'parallel': 'data'", texts)
+    self.assertIn("'num_devices': 8, 'parallel': 'data'", texts)
+    self.assertIn("'mesh': {'data': 2, 'stage': 4}, 'num_devices': 8, 'parallel': 'blocks'",
+                  texts)
     self.assertTrue(any('image/png' in o.get('data', {}) for o in outputs))
 
 
