@@ -67,15 +67,35 @@ def xla_convolutions():
     _XLA_CONVOLUTIONS_ONLY.reset(token)
 
 
-def onednn_runs_convolutions() -> bool:
-  """Whether this process runs float32 NHWC convolutions in oneDNN: one CPU device, built.
+_PER_DEVICE_CODE = contextvars.ContextVar('per_device_code', default=False)
 
-  Multi-device CPU programs (fake devices, several processes) keep XLA's
+
+@contextlib.contextmanager
+def per_device_code():
+  """Marks code traced inside this block as per-device (a `shard_map` body).
+
+  There the SPMD partitioner shards nothing, so a custom call is as good as
+  XLA's convolution even in a multi-device program, and oneDNN may run it.
+  """
+  token = _PER_DEVICE_CODE.set(True)
+  try:
+    yield
+  finally:
+    _PER_DEVICE_CODE.reset(token)
+
+
+def onednn_runs_convolutions() -> bool:
+  """Whether float32 NHWC convolutions traced now run in oneDNN: CPU, built, per device.
+
+  Per device means a process with one device in all (every process's devices
+  counted), or code inside `per_device_code` (a `shard_map` body). Other
+  multi-device CPU programs (fake devices, several processes) keep XLA's
   convolution, which the SPMD partitioner knows how to shard; a custom call
   it would replicate.
   """
   return (not _XLA_CONVOLUTIONS_ONLY.get() and jax.default_backend() == 'cpu'
-          and jax.device_count() == 1 and onednn_conv.available())
+          and (jax.device_count() == 1 or _PER_DEVICE_CODE.get())
+          and onednn_conv.available())
 
 
 def _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
