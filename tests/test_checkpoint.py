@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,16 +178,23 @@ class CheckpointTest(absltest.TestCase):
     with self.assertRaisesRegex(bw.UsageError, f'checkpoint {path} is unreadable or corrupt'):
       checkpoint.restore(checkpoint.make_manager(str(manager.directory)), 4, self.target)
 
-  def test_flipped_byte_is_caught_by_the_digest(self):
-    # A flipped byte inside a compressed chunk can decode without error; the digest
-    # saved beside the arrays is what notices.
-    manager, path, largest = self._saved_with_largest_data_file()
-    with open(largest, 'r+b') as f:
-      data = bytearray(f.read())
-      data[len(data) // 2] ^= 0x10
-      f.seek(0)
-      f.write(data)
-    with self.assertRaisesRegex(bw.UsageError, f'checkpoint {path} is (unreadable or )?corrupt'):
+  def test_arrays_that_read_back_wrong_are_caught_by_the_digest(self):
+    # Silent corruption: arrays that decode without error but are not the ones saved
+    # (here: another checkpoint's arrays under this checkpoint's record). Only the
+    # digest saved beside the arrays can notice.
+    manager = self._manager()
+    path = checkpoint.save(manager, 4, self.states)
+    other = self._manager()
+    first = self.states[0]
+    dense = first.params['head']['Dense_0']
+    changed = (first.replace(params={**first.params, 'head': {'Dense_0': {
+        **dense, 'bias': dense['bias'].at[0].add(1.0)}}}),) + tuple(self.states[1:])
+    other_path = checkpoint.save(other, 4, changed)
+    shutil.rmtree(os.path.join(path, 'state'))
+    shutil.copytree(os.path.join(other_path, 'state'), os.path.join(path, 'state'))
+    with self.assertRaisesRegex(
+        bw.UsageError, f'^checkpoint {path} is corrupt: its arrays do not match the digest '
+                       f'saved with them$'):
       checkpoint.restore(checkpoint.make_manager(str(manager.directory)), 4, self.target)
 
   def test_missing_step_and_wrong_structure(self):

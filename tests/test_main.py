@@ -25,9 +25,35 @@ def run_main(*flags, timeout=300, env=None):
                         env=environ, capture_output=True, text=True, timeout=timeout)
 
 
-def _stderr_last_line(proc):
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  return lines[-1] if lines else ''
+def _stderr_lines(proc):
+  return [l for l in proc.stderr.splitlines() if l.strip()]
+
+
+def _correct_from_checkpoint(workdir):
+  """(test examples each head gets right [K], test examples), from the run's last checkpoint."""
+  import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax import data  # pylint: disable=g-import-not-at-top
+  from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = config_lib.config_from_json(f.read())
+  dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
+  model = bw.build_model(config.arch, num_classes=dataset.num_classes,
+                         num_blocks=config.num_blocks, mode=config.mode, width=config.width)
+  tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr, total_steps=1,
+                         momentum=config.momentum, weight_decay=config.weight_decay)
+  manager = checkpoint.make_manager(os.path.join(workdir, 'checkpoints'))
+  states, _ = checkpoint.restore(
+      manager, checkpoint.steps(manager)[-1],
+      bw.abstract_block_states(model, tx, dataset.image_shape))
+  manager.close()
+  mean, std = data.normalization_stats(dataset.train_images)
+  eval_step, correct, count = bw.make_eval_step(model), 0, 0
+  for batch in data.eval_batches(dataset.test_images, dataset.test_labels,
+                                 batch_size=config.batch_size, mean=mean, std=std):
+    sums = eval_step(states, batch)
+    correct, count = correct + np.asarray(sums['correct']), count + float(sums['count'])
+  return correct, count
 
 
 class EndToEndTest(absltest.TestCase):
@@ -44,7 +70,12 @@ class EndToEndTest(absltest.TestCase):
                 'num_processes', 'parallel', 'images_per_sec', 'wall_time_s'):
       self.assertIn(key, results)
     self.assertLen(results['block_test_accuracy'], 2)
-    self.assertEqual(results['test_accuracy'], results['block_test_accuracy'][-1])
+    # The reported accuracies are the final states' on the test set: the same number of
+    # examples right, head by head, as recomputed here from the last checkpoint.
+    correct, count = _correct_from_checkpoint(workdir)
+    np.testing.assert_array_equal(np.round(np.array(results['block_test_accuracy']) * count),
+                                  correct)
+    self.assertEqual(round(results['test_accuracy'] * count), correct[-1])
     self.assertEqual(results['steps'], 3)
     self.assertEqual(results['config']['arch'], 'resnet18')
     self.assertEqual(results['config']['augment'], 'crop_flip')
@@ -87,14 +118,16 @@ class BadInputTest(parameterized.TestCase):
     proc = run_main(*flags, '--max_steps=1', f'--workdir={self.create_tempdir().full_path}')
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertNotIn('Traceback', proc.stderr)
-    self.assertIn(expected, _stderr_last_line(proc))
+    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
+    self.assertIn(expected, _stderr_lines(proc)[0])
 
   def test_missing_data_folder(self):
     proc = run_main('--dataset=imagefolder', '--data_dir=/nonexistent/cifar', '--max_steps=1',
                     f'--workdir={self.create_tempdir().full_path}')
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertNotIn('Traceback', proc.stderr)
-    self.assertIn('/nonexistent/cifar', _stderr_last_line(proc))
+    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
+    self.assertIn('/nonexistent/cifar', _stderr_lines(proc)[0])
 
   def test_unreadable_image_is_named(self):
     root = self.create_tempdir().full_path
@@ -111,7 +144,8 @@ class BadInputTest(parameterized.TestCase):
                     env={'BWBPF_CACHE_DIR': self.create_tempdir().full_path})
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertNotIn('Traceback', proc.stderr)
-    self.assertIn('broken.png', _stderr_last_line(proc))
+    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
+    self.assertIn('broken.png', _stderr_lines(proc)[0])
 
 
 class WorkdirTest(absltest.TestCase):

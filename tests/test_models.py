@@ -12,6 +12,7 @@ import optax
 
 import bwbpf_jax as bw
 from bwbpf_jax.errors import UsageError
+from bwbpf_jax.models import architecture_units
 from bwbpf_jax.models import layers
 
 
@@ -28,6 +29,23 @@ def _shapes_and_count(arch, stem, image_size, num_classes, width=1.0, num_blocks
     x, logits = jax.eval_shape(lambda v, x, b=block: b.apply(v, x, train=False), variables, x)
     shapes.append((x.shape, logits.shape))
   return shapes, bw.backbone_param_count(model, states)
+
+
+def _unit_output_sizes(arch, stem, image_size):
+  """(height of every unit's output, stage of every unit), through the network (shapes only)."""
+  stem_module, units, stage_of_unit = architecture_units(arch, width=0.125, stem=stem)
+  key = jax.random.key(0)
+  def output(module, x):
+    return jax.eval_shape(lambda x: module.init_with_output(key, x, train=False)[0], x)
+  x = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+  if stem_module is not None:
+    x = output(stem_module, x)
+  sizes = []
+  for unit in units:
+    x = output(unit, x)
+    assert x.shape[1] == x.shape[2], x.shape
+    sizes.append(x.shape[1])
+  return sizes, stage_of_unit
 
 
 class ParameterCountTest(parameterized.TestCase):
@@ -67,10 +85,19 @@ class ShapeTest(parameterized.TestCase):
     for features, logits in shapes:
       self.assertEqual(logits, (2, 200))
       self.assertLen(features, 4)
-    # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5).
-    final_hw = shapes[-1][0][1]
-    expected = {('cifar', 32): {True: 1, False: 4}, ('imagenet', 64): {True: 2, False: 2}}
-    self.assertEqual(final_hw, expected[stem_and_size][arch.startswith('vgg')])
+    # Every stage halves the resolution: a VGG stage in its last unit (the max-pool),
+    # a ResNet stage after the first in its first unit (the stride); the first ResNet
+    # stage keeps the stem's resolution (the cifar stem keeps the input's, the
+    # imagenet stem quarters it).
+    unit_sizes, stage_of_unit = _unit_output_sizes(arch, stem, size)
+    for unit, (got, stage) in enumerate(zip(unit_sizes, stage_of_unit)):
+      if arch.startswith('vgg'):
+        last_of_stage = unit + 1 == len(stage_of_unit) or stage_of_unit[unit + 1] != stage
+        expected = size // 2 ** (stage + 1 if last_of_stage else stage)
+      else:
+        expected = (size if stem == 'cifar' else size // 4) // 2 ** stage
+      self.assertEqual(got, expected, f'unit {unit} (stage {stage})')
+    self.assertEqual(shapes[-1][0][1:3], (unit_sizes[-1],) * 2)  # The output block's input.
 
   def test_width_multiplier_scales_channels(self):
     shapes, count = _shapes_and_count('resnet18', 'cifar', 32, 10, width=0.25)

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,11 +26,16 @@ SMALL = ('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2',
          '--batch_size=64', '--stop_at_step=40')
 
 
-def run_main(*flags, timeout=300):
+# The environment of a real run: without the suite's XLA flags (tests/conftest.py), so
+# XLA compiles with the optimisation real runs get.
+REAL_RUN_ENV = {name: value for name, value in os.environ.items() if name != 'XLA_FLAGS'}
+
+
+def run_main(*flags, timeout=300, env=None):
   """Runs `python -m experiments.main FLAGS` in a fresh process; returns the CompletedProcess."""
   return subprocess.run([sys.executable, '-m', 'experiments.main', *flags], cwd=REPO,
-                        env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True, text=True,
-                        timeout=timeout)
+                        env={**(env or os.environ), 'PYTHONPATH': REPO}, capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def _stderr_lines(proc_or_text):
@@ -60,12 +66,13 @@ def _checkpoint_steps(workdir):
 class _Background:
   """`python -m experiments.main FLAGS` running in the background, output in files."""
 
-  def __init__(self, tempdir, *flags):
+  def __init__(self, tempdir, *flags, env=None):
     self._stdout = open(os.path.join(tempdir, 'stdout'), 'w+')
     self._stderr = open(os.path.join(tempdir, 'stderr'), 'w+')
     self.proc = subprocess.Popen(
         [sys.executable, '-m', 'experiments.main', *flags], cwd=REPO,
-        env={**os.environ, 'PYTHONPATH': REPO}, stdout=self._stdout, stderr=self._stderr)
+        env={**(env or os.environ), 'PYTHONPATH': REPO}, stdout=self._stdout,
+        stderr=self._stderr)
 
   def wait_for(self, condition, timeout=120):
     """Polls `condition()` until true; fails if the process ends or time runs out first."""
@@ -119,9 +126,22 @@ class ResumeTest(absltest.TestCase):
       self.assertEqual(json.load(f)['arch'], 'vgg11')
 
   def test_sigkill_after_a_checkpoint_then_rerun_is_bitwise_exact(self):
+    self._kill_and_resume(self.reference_results, self.reference_metrics)
+
+  @pytest.mark.slow
+  def test_sigkill_and_rerun_is_bitwise_exact_with_the_xla_flags_of_real_runs(self):
+    # The suite compiles with little optimisation; real runs do not, and fused,
+    # reordered float arithmetic must still resume to the same bits.
+    reference = os.path.join(self.create_tempdir().full_path, 'reference')
+    proc = run_main(*SMALL, '--checkpoint_every=4', f'--workdir={reference}', env=REAL_RUN_ENV)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self._kill_and_resume(_results(reference), _metrics(reference), env=REAL_RUN_ENV)
+
+  def _kill_and_resume(self, reference_results, reference_metrics, env=None):
+    """SIGKILLs a run after its first checkpoint, reruns it, compares with the reference."""
     workdir = os.path.join(self.create_tempdir().full_path, 'run')
     flags = (*SMALL, '--checkpoint_every=4', f'--workdir={workdir}')
-    run = _Background(self.create_tempdir().full_path, *flags)
+    run = _Background(self.create_tempdir().full_path, *flags, env=env)
     run.wait_for(lambda: _checkpoint_steps(workdir))
     run.proc.send_signal(signal.SIGKILL)
     run.output()
@@ -130,17 +150,16 @@ class ResumeTest(absltest.TestCase):
     killed_at = _checkpoint_steps(workdir)[-1]
     self.assertLess(killed_at, 40)
 
-    proc = run_main(*flags)
+    proc = run_main(*flags, env=env)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     resumed_at = int(re.search(r'resuming at step (\d+) of 40', proc.stdout).group(1))
     self.assertGreaterEqual(resumed_at, killed_at)  # Nothing before the last checkpoint lost.
     results = _results(workdir)
     self.assertEqual(results['resumed_from_step'], resumed_at)
-    self.assertEqual(results['params_digest'], self.reference_results['params_digest'])
-    self.assertEqual(results['block_test_accuracy'],
-                     self.reference_results['block_test_accuracy'])
+    self.assertEqual(results['params_digest'], reference_results['params_digest'])
+    self.assertEqual(results['block_test_accuracy'], reference_results['block_test_accuracy'])
     # Records after the checkpoint were dropped and written again: no duplicates.
-    self.assertEqual(_metrics(workdir), self.reference_metrics)
+    self.assertEqual(_metrics(workdir), reference_metrics)
 
   def test_finished_run_rerun_says_so_and_exits_0(self):
     workdir = self._copy_of_reference()

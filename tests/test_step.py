@@ -1,5 +1,8 @@
 """The training step: gradient isolation per mode, equivalences, tracing and learning."""
 
+import math
+from unittest import mock
+
 from absl.testing import parameterized
 import chex
 import jax
@@ -8,6 +11,7 @@ import numpy as np
 import optax
 
 import bwbpf_jax as bw
+from bwbpf_jax import parallel
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
 
@@ -111,16 +115,49 @@ def _merge_blocks(model, trees):
   return merged
 
 
+def _counting(step_fn, traced):
+  """`step_fn(model_or_block, ...)` that appends its first argument to `traced` when traced."""
+  def counted(module, *args, **kwargs):
+    traced.append(module)
+    return step_fn(module, *args, **kwargs)
+  return counted
+
+
 class TrainStepTest(parameterized.TestCase):
 
-  def test_traces_once_over_several_calls(self):
-    model, tx, states = _setup('resnet18', 4, 'bwbpf')
-    def train_step(states, batch):
-      return bw.train_step(model, tx, states, batch)
-    jitted = jax.jit(chex.assert_max_traces(train_step, n=1))
-    for seed in range(3):
-      states, metrics = jitted(states, _batch(seed=seed))
-    chex.assert_shape([metrics['loss'], metrics['accuracy'], metrics['skipped']], (4,))
+  def test_every_step_maker_traces_once_over_several_calls(self):
+    """The fused, block-wise and data-parallel makers trace their step once, not per call.
+
+    The makers look the step functions up when called, so counting wrappers put
+    in their place see every trace of the real makers' jitted functions.
+    """
+    model, tx, states = _setup('vgg11', 2, 'bwbpf')
+    mesh = parallel.make_mesh(1)
+    makers = {
+        'fused': lambda: bw.make_train_step(model, tx),
+        'blockwise': lambda: bw.make_blockwise_train_step(model, tx),
+        'data_parallel': lambda: parallel.make_data_parallel_train_step(model, tx, mesh),
+        'data_parallel_blockwise':
+            lambda: parallel.make_data_parallel_blockwise_train_step(model, tx, mesh),
+    }
+    for name, make in makers.items():
+      traced = []
+      with mock.patch.object(step_lib, 'train_step', _counting(step_lib.train_step, traced)), \
+           mock.patch.object(step_lib, 'block_train_step',
+                             _counting(step_lib.block_train_step, traced)):
+        train_step = make()
+        current = jax.tree_util.tree_map(jnp.copy, states)
+        if name.startswith('data_parallel'):
+          current = parallel.replicate(current, mesh)
+        for seed in range(3):
+          batch = _batch(seed=seed)
+          if name.startswith('data_parallel'):
+            batch = parallel.shard_batch(batch, mesh)
+          current, metrics = train_step(current, batch)
+      # One trace of the whole model (fused), or one per block (block-wise).
+      expected = [model] if 'blockwise' not in name else list(model.blocks)
+      self.assertEqual([id(m) for m in traced], [id(m) for m in expected], name)
+      chex.assert_shape([metrics['loss'], metrics['accuracy'], metrics['skipped']], (2,))
 
   @parameterized.parameters(*bw.MODES)
   def test_a_few_steps_on_one_batch_lower_every_local_loss(self, mode):
@@ -152,16 +189,23 @@ class TrainStepTest(parameterized.TestCase):
   def test_skip_nonfinite_leaves_only_the_bad_block_unchanged(self):
     model, tx, states = _setup('vgg11', 3, 'bwbpf')
     batch = _batch()
+    train_step = bw.make_train_step(model, tx, skip_nonfinite=True, donate=False)
+    clean_states, clean_metrics = train_step(states, batch)
+    np.testing.assert_array_equal(clean_metrics['skipped'], [0, 0, 0])
     # A NaN in block 1's head only: blocks 0 and 2 must still update.
     bad = list(states)
     bad[1] = bad[1].replace(params={**bad[1].params, 'head': jax.tree_util.tree_map(
         lambda x: x * jnp.nan, bad[1].params['head'])})
-    new_states, metrics = bw.make_train_step(model, tx, skip_nonfinite=True,
-                                             donate=False)(tuple(bad), batch)
+    new_states, metrics = train_step(tuple(bad), batch)
     np.testing.assert_array_equal(metrics['skipped'], [0, 1, 0])
-    chex.assert_trees_all_equal(new_states[1].params['units_0'], bad[1].params['units_0'])
-    self.assertFalse(np.allclose(new_states[0].params['units_0']['Conv_0']['kernel'],
-                                 bad[0].params['units_0']['Conv_0']['kernel']))
+    # Block 1 keeps everything: parameters, batch statistics, momentum buffers.
+    chex.assert_trees_all_equal(new_states[1], bad[1])
+    # Blocks 0 and 2 make exactly the update they make without the NaN (block 2's
+    # input is block 1's features, which its head does not touch).
+    for k in (0, 2):
+      chex.assert_trees_all_equal(new_states[k], clean_states[k])
+      self.assertFalse(np.allclose(new_states[k].params['units_0']['Conv_0']['kernel'],
+                                   states[k].params['units_0']['Conv_0']['kernel']), k)
 
 
 class EvalStepTest(parameterized.TestCase):
@@ -181,11 +225,31 @@ class EvalStepTest(parameterized.TestCase):
 class OptimizerTest(parameterized.TestCase):
 
   def test_sgd_matches_pytorch_coupled_weight_decay(self):
-    """One step of PyTorch's SGD(lr, momentum, weight_decay): p -= lr * (g + wd * p)."""
-    tx = bw.make_optimizer('sgd', learning_rate=0.1, total_steps=10, weight_decay=0.5)
-    params = {'w': jnp.array([2.0])}
-    updates, _ = tx.update({'w': jnp.array([1.0])}, tx.init(params), params)
-    np.testing.assert_allclose(optax.apply_updates(params, updates)['w'], [2.0 - 0.1 * 2.0])
+    """Two steps of PyTorch's SGD(lr, momentum, weight_decay), computed by hand.
+
+    PyTorch adds the decay to the gradient before momentum (g += wd * p;
+    buf = mu * buf + g; p -= lr * buf). One step from an empty buffer cannot
+    tell that from decoupled decay or from no momentum; the second step can.
+    """
+    lr, total_steps, mu, wd = 0.1, 10, 0.9, 0.5
+    tx = bw.make_optimizer('sgd', learning_rate=lr, total_steps=total_steps, momentum=mu,
+                           weight_decay=wd)
+    # The cosine schedule's rate at steps 0 and 1 (no warm-up).
+    rates = [lr * 0.5 * (1 + math.cos(math.pi * t / total_steps)) for t in (0, 1)]
+    params, grad = {'w': jnp.array([2.0])}, {'w': jnp.array([1.0])}
+    state = tx.init(params)
+    p, buf, expected = 2.0, 0.0, []
+    for rate in rates:
+      g = 1.0 + wd * p
+      buf = mu * buf + g
+      p -= rate * buf
+      expected.append(p)
+    got = []
+    for _ in rates:
+      updates, state = tx.update(grad, state, params)
+      params = optax.apply_updates(params, updates)
+      got.append(float(params['w'][0]))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)  # [1.8, 1.4390546]
 
   def test_cosine_schedule_reaches_zero(self):
     tx = bw.make_optimizer('sgd', learning_rate=0.1, total_steps=4, weight_decay=0.0,
