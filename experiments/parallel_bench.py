@@ -19,9 +19,12 @@ parallelism buys on D accelerators, measured on a CPU.
   turn (`sync_microbatch`: exactly what the pipeline computes) and on the whole
   batch at once (`sync_full_batch`: one optimizer step per batch instead of M,
   a different computation given for scale).
-- The `pipeline` process (D cores, D devices) times
-  `parallel.make_block_parallel_train_step` and, again, the synchronous
-  micro-batch step on one of its devices (`sync_microbatch_on_pipeline_cores`).
+- The `pipeline` process (D cores, D devices) times the host-dispatched
+  pipeline (`parallel.make_block_parallel_train_step`), the SPMD stage
+  pipeline (`parallel.StagePipeline`, K stages x D / K data rows; its XLA
+  memory analysis, packed state per device against all blocks', padding
+  overhead and bubble fractions) and, again, the synchronous micro-batch step
+  on one of its devices (`sync_microbatch_on_pipeline_cores`).
   If that one is faster than on one core, one device used more than one core,
   and `speedup` is an upper bound, not the pipeline's own gain. On jax 0.10.2
   this is what happens: XLA:CPU runs every device's kernels on one shared
