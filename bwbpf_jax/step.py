@@ -8,10 +8,11 @@ block input cuts every path from a later loss into block k. In `bp` mode the
 auxiliary heads see detached features, so the backbone's gradient is the output
 loss's alone.
 
-Two bwbpf-only variants run one block at a time (`block_train_step`): the
-block-wise step (one jitted call per block: each block's activations are freed
-before the next block's are made) and the block-parallel pipeline in
-`parallel.py`. They compute the same update as the fused step.
+bwbpf-only variants run one block at a time: the block-wise step (one jitted
+`block_train_step` per block: each block's activations are freed before the
+next block's are made) and the block-parallel pipelines in `parallel/` (the
+SPMD stage pipeline differentiates `local_loss` per block inside its stages).
+They compute the same update as the fused step.
 """
 
 import functools
