@@ -18,6 +18,9 @@ modes compare on work done for the user. mfu divides model FLOP/s by the
 device's dense peak for the dtype (`--peak_tflops`, or a table of known
 accelerators; float32 counts the TF32 tensor-core peak, which XLA uses for
 float32 convolutions on NVIDIA GPUs at the default precision).
+A mode with the suffix `_remat` (`bp_remat`, `deep_supervision_remat`,
+`bwbpf_remat`) is that mode with gradient checkpointing of every unit
+(`build_model(remat=True)`); the PyTorch peer has no such mode.
 `--compare_torch` adds the PyTorch peer of each mode (experiments/torch_peer.py;
 needs `pip install torch==2.13.0`).
 """
@@ -46,7 +49,8 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('num_classes', 10, 'Classes.')
 flags.DEFINE_integer('num_blocks', 4, 'K.')
-flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure.')
+flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure; '
+                  'a _remat suffix (bp_remat) adds gradient checkpointing of every unit.')
 flags.DEFINE_enum('train_step', 'auto', ('auto', 'fused', 'blockwise'),
                   'bwbpf step variant; auto: blockwise for bwbpf (as experiments.main).')
 flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'), 'Computation dtype.')
@@ -109,6 +113,9 @@ def _tree_bytes(tree) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
 
 
+REMAT_SUFFIX = '_remat'
+
+
 def _cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
@@ -124,21 +131,24 @@ def measure_jax(mode: str) -> dict:
   from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
 
+  remat = mode.endswith(REMAT_SUFFIX)
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
-                         mode=mode, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype))
+                         mode=mode.removesuffix(REMAT_SUFFIX), width=FLAGS.width,
+                         dtype=jnp.dtype(FLAGS.dtype), remat=remat)
   tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
   states = bw.init_block_states(model, tx, jax.random.key(0), shape)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=shape), jnp.float32),
            'label': jnp.asarray(rng.integers(0, FLAGS.num_classes, FLAGS.batch_size), jnp.int32)}
-  blockwise = mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
+  blockwise = model.mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
   if blockwise:
     step = bw.make_blockwise_train_step(model, tx)
     memory, x = 0, batch['image']
     for block, state in zip(model.blocks, states):
       compiled = jax.jit(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
-                         donate_argnums=(0,)).lower(state, x, batch['label']).compile()
+                         donate_argnums=(0,), **step_lib.jit_options(model)).lower(
+                             state, x, batch['label']).compile()
       memory = max(memory, _memory_bytes(compiled) - _tree_bytes(state))
       x = jax.eval_shape(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
                          state, x, batch['label'])[1]
@@ -159,7 +169,7 @@ def measure_jax(mode: str) -> dict:
   model_flops_per_image = 3 * forward_flops(model, states, batch) / FLAGS.batch_size
   device_kind = jax.devices()[0].device_kind
   peak = peak_tflops(device_kind, FLAGS.dtype, FLAGS.peak_tflops)
-  return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused',
+  return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused', 'remat': remat,
           'images_per_sec': images_per_sec,
           'model_flops_per_image': model_flops_per_image,
           'model_tflops_per_sec': images_per_sec * model_flops_per_image / 1e12,
@@ -214,7 +224,7 @@ def main(argv):
   failures = 0
   for mode in FLAGS.modes:
     failures += _run_worker(mode, 'jax')
-    if FLAGS.compare_torch:
+    if FLAGS.compare_torch and not mode.endswith(REMAT_SUFFIX):
       failures += _run_worker(mode, 'torch')
   sys.exit(1 if failures else 0)
 

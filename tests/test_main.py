@@ -30,7 +30,7 @@ class EndToEndTest(absltest.TestCase):
   def test_short_digits_run_writes_every_output(self):
     workdir = self.create_tempdir().full_path
     proc = run_main('--dataset=digits', '--arch=resnet18', '--width=0.125', '--num_blocks=2',
-                    '--max_steps=3', '--batch_size=32', f'--workdir={workdir}')
+                    '--max_steps=3', '--batch_size=32', '--remat', f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('test accuracy', proc.stdout)
     results = json.load(open(os.path.join(workdir, 'results.json')))
@@ -41,6 +41,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(results['test_accuracy'], results['block_test_accuracy'][-1])
     self.assertEqual(results['steps'], 3)
     self.assertEqual(results['config']['arch'], 'resnet18')
+    self.assertTrue(results['config']['remat'])
     self.assertGreater(results['images_per_sec'], 0)
     records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
     self.assertEqual([r['split'] for r in records], ['train', 'test'])
