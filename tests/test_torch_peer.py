@@ -1,4 +1,4 @@
-"""The PyTorch peer (experiments/torch_peer.py) builds the same network as bwbpf_jax.
+"""The PyTorch peer (benchmarks/torch_peer.py) builds the same network as bwbpf_jax.
 
 Skipped where torch is not installed (it is a benchmark-only dependency).
 """
@@ -10,7 +10,7 @@ import bwbpf_jax as bw
 from bwbpf_jax import state as state_lib
 
 torch = __import__('pytest').importorskip('torch')
-from experiments import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _jax_block_param_counts(arch, width, num_blocks, num_classes=10):

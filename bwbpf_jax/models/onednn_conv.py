@@ -1,7 +1,7 @@
 """oneDNN convolutions for XLA:CPU, through XLA's FFI.
 
 XLA:CPU runs convolutions on Eigen, which on an AVX-512 CPU is about 1.4x slower
-than the oneDNN kernels PyTorch uses (`python -m experiments.layer_bench
+than the oneDNN kernels PyTorch uses (`python -m benchmarks.layer_bench
 --compare_torch`); on a VGG that is the whole gap between the two frameworks'
 train steps. This module runs the convolution's three train-step kernels
 (forward, input gradient, kernel gradient) in oneDNN instead, as XLA FFI custom

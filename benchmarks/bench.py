@@ -1,10 +1,10 @@
 r"""Speed and memory of the train step, one fresh process per mode.
 
-    python -m experiments.bench --arch=resnet50 --batch_size=128 --num_blocks=4 \
+    python -m benchmarks.bench --arch=resnet50 --batch_size=128 --num_blocks=4 \
         --modes=bp,deep_supervision,bwbpf --steps=5
 
 prints one JSON line per mode: images_per_sec (median over --steps timed steps
-after compilation), peak_rss_bytes (the worker process's peak resident memory,
+after compilation, timed by `benchmarks.harness`), peak_rss_bytes (the worker process's peak resident memory,
 runtime included) and step_memory_bytes (XLA's own account of what the step
 needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
@@ -12,27 +12,27 @@ cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
 
 Model FLOP utilisation: model_flops_per_image is 3x the forward pass of the
-backbone and every head (XLA's cost analysis of eval_step, the inference forward; the
-backward costs about twice the forward), the same count for every mode, so
-modes compare on work done for the user. mfu divides model FLOP/s by the
+backbone and every head (the backward costs about twice the forward), the same
+count for every mode, so modes compare on work done for the user. The forward
+is counted as 2 x the multiply-adds of every convolution and dense layer, every
+kernel tap counted, padding included (`forward_flops`); elementwise work
+(BatchNorm, ReLU, pooling) is left out, as MFU conventions do. mfu divides model FLOP/s by the
 device's dense peak for the dtype (`--peak_tflops`, or a table of known
 accelerators; float32 counts the TF32 tensor-core peak, which XLA uses for
 float32 convolutions on NVIDIA GPUs at the default precision).
 A mode with the suffix `_remat` (`bp_remat`, `deep_supervision_remat`,
 `bwbpf_remat`) is that mode with gradient checkpointing of every unit
 (`build_model(remat=True)`); the PyTorch peer has no such mode.
-`--compare_torch` adds the PyTorch peer of each mode (experiments/torch_peer.py;
+`--compare_torch` adds the PyTorch peer of each mode (benchmarks/torch_peer.py;
 needs `pip install torch==2.13.0`).
 """
 
 import functools
 import json
+import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from experiments import xla_defaults
 
@@ -41,6 +41,8 @@ xla_defaults.apply()  # Before JAX starts.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
+
+from benchmarks import harness
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('arch', 'resnet50', 'Architecture.')
@@ -85,19 +87,33 @@ def peak_tflops(device_kind: str, dtype: str, override=None):
 
 
 def forward_flops(model, states, batch) -> float:
-  """XLA's FLOP count of `eval_step`: one inference forward through every block and head."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+  """2 x multiply-adds of every convolution and dense layer in one inference forward.
 
-  # The lowered (pre-optimisation) HLO: after GPU compilation convolutions become
-  # library calls that the compiled module's cost analysis no longer counts. For
-  # the same reason the count is traced with XLA's convolutions, not oneDNN's.
-  with layers.xla_convolutions():
-    lowered = jax.jit(functools.partial(step_lib.eval_step, model)).lower(states, batch)
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) if cost else 0.0
+  Read off the traced network (Flax method interception on `eval_step`'s
+  abstract evaluation), so it is the same however the platform lowers a
+  convolution: every kernel tap of every output position counts, padding
+  included. XLA's cost analysis would count only taps inside the image on its
+  convolutions and every tap on the CPU's im2col path, and none after GPU
+  compilation turns convolutions into library calls.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  flops = []
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+      in_features = args[0].shape[-1]
+      taps = math.prod(module.kernel_size) if isinstance(module, nn.Conv) else 1
+      groups = getattr(module, 'feature_group_count', 1)
+      flops.append(2 * math.prod(y.shape) * taps * in_features // groups)
+    return y
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(step_lib.eval_step, model), states, batch)
+  return float(sum(flops))
 
 
 def _memory_bytes(compiled) -> int:
@@ -114,11 +130,6 @@ def _tree_bytes(tree) -> int:
 
 
 REMAT_SUFFIX = '_remat'
-
-
-def _cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def measure_jax(mode: str) -> dict:
@@ -156,16 +167,9 @@ def measure_jax(mode: str) -> dict:
   else:
     step = bw.make_train_step(model, tx)
     memory = _memory_bytes(step.lower(states, batch).compile())
-  states, metrics = step(states, batch)  # Compiles.
-  jax.block_until_ready(metrics)
-  times = []
-  cpu_start = _cpu_seconds()
-  for _ in range(FLAGS.steps):
-    start = time.perf_counter()
-    states, metrics = step(states, batch)
-    jax.block_until_ready((states, metrics))
-    times.append(time.perf_counter() - start)
-  images_per_sec = FLAGS.batch_size / statistics.median(times)
+  timing, states = harness.time_steps(lambda states: step(states, batch)[0], states,
+                                      steps=FLAGS.steps)
+  images_per_sec = timing.per_second(FLAGS.batch_size)
   model_flops_per_image = 3 * forward_flops(model, states, batch) / FLAGS.batch_size
   device_kind = jax.devices()[0].device_kind
   peak = peak_tflops(device_kind, FLAGS.dtype, FLAGS.peak_tflops)
@@ -174,7 +178,7 @@ def measure_jax(mode: str) -> dict:
           'model_flops_per_image': model_flops_per_image,
           'model_tflops_per_sec': images_per_sec * model_flops_per_image / 1e12,
           'mfu': (images_per_sec * model_flops_per_image / (peak * 1e12)) if peak else None,
-          'cpu_seconds_per_step': (_cpu_seconds() - cpu_start) / FLAGS.steps,
+          'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
           'device': device_kind,
           'convolutions': ('onednn' if FLAGS.dtype == 'float32'
@@ -183,7 +187,7 @@ def measure_jax(mode: str) -> dict:
 
 def _worker(mode: str):
   if FLAGS.framework == 'torch':
-    from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
     result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
                                 batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
                                 num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
@@ -192,13 +196,12 @@ def _worker(mode: str):
     result = measure_jax(mode)
   result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
                 image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
-                steps=FLAGS.steps, load_avg_1m=os.getloadavg()[0],
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                steps=FLAGS.steps, **harness.process_fields())
   print(json.dumps(result), flush=True)
 
 
 def _run_worker(mode: str, framework: str) -> int:
-  argv = [sys.executable, '-m', 'experiments.bench', f'--worker={mode}',
+  argv = [sys.executable, '-m', 'benchmarks.bench', f'--worker={mode}',
           f'--framework={framework}'] + [
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()

@@ -1,4 +1,4 @@
-"""The PyTorch peer of bwbpf_jax's train step, for `experiments.bench --compare_torch`.
+"""The PyTorch peer of bwbpf_jax's train step, for `benchmarks.bench --compare_torch`.
 
 Same network as `bwbpf_jax.build_model`: VGG with BatchNorm and conv bias, or a
 ResNet (basic or bottleneck units, CIFAR or ImageNet stem), the same width
@@ -20,14 +20,12 @@ pure-Python parts (architecture tables, split points, width scaling).
 """
 
 import os
-import resource
-import statistics
-import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from benchmarks import harness
 from bwbpf_jax import partition
 from bwbpf_jax.models import layers
 from bwbpf_jax.models import resnet
@@ -234,7 +232,7 @@ def measure(mode, *, arch, width, batch_size, image_size, num_classes, num_block
             stem='cifar', channels_last=True, seed=0) -> dict:
   """Times `steps` train steps of the peer after two warm-up steps.
 
-  Returns a dict like experiments.bench's JAX worker: framework, step
+  Returns a dict like benchmarks.bench's JAX worker: framework, step
   ('blockwise' for bwbpf, whose blocks run backward one at a time, else 'fused'),
   images_per_sec (batch / median step time), cpu_seconds_per_step (process CPU
   time over the timed steps, user + system; steadier than wall time on a shared
@@ -253,25 +251,17 @@ def measure(mode, *, arch, width, batch_size, image_size, num_classes, num_block
   images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
       memory_format=memory_format)
   labels = torch.randint(0, num_classes, (batch_size,), device=device)
-  for _ in range(2):  # Warm-up: oneDNN primitive creation, allocator caches.
-    train_step(peer, optimizers, images, labels)
-  _synchronize(device)
+  run = lambda _: train_step(peer, optimizers, images, labels)
+  wait = lambda _: _synchronize(device)
+  # Warm-up: oneDNN primitive creation, allocator caches.
+  harness.time_steps(run, None, steps=1, warmup=1, block=wait)
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats(device)
-  times = []
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  cpu_start = usage.ru_utime + usage.ru_stime
-  for _ in range(steps):
-    start = time.perf_counter()
-    train_step(peer, optimizers, images, labels)
-    _synchronize(device)
-    times.append(time.perf_counter() - start)
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  cpu_seconds = usage.ru_utime + usage.ru_stime - cpu_start
+  timing, _ = harness.time_steps(run, None, steps=steps, warmup=0, block=wait)
   memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else -1
   return {'framework': 'torch', 'step': 'blockwise' if mode == 'bwbpf' else 'fused',
-          'images_per_sec': batch_size / statistics.median(times),
-          'cpu_seconds_per_step': cpu_seconds / steps,
+          'images_per_sec': timing.per_second(batch_size),
+          'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': int(memory), 'platform': device.type,
           'device': (torch.cuda.get_device_name(device) if device.type == 'cuda'
                      else f'cpu ({torch.get_num_threads()} threads)'),
