@@ -60,6 +60,11 @@ flags.DEFINE_integer('steps', 5, 'Timed steps after one compile step.')
 flags.DEFINE_float('peak_tflops', None, 'Dense peak TFLOP/s of the device for --dtype, for '
                    'mfu; default: PEAK_TFLOPS for known accelerators.')
 flags.DEFINE_bool('compare_torch', False, 'Also measure the PyTorch peer of each mode.')
+flags.DEFINE_bool('jax', True, 'Measure the JAX step (--nojax --compare_torch: the peer only).')
+flags.DEFINE_enum('torch_bwbpf_step', None, ('per_block', 'summed'), 'PyTorch peer\'s bwbpf '
+                  'program (default: torch_peer.DEFAULT_BWBPF_STEP, the fastest measured).')
+flags.DEFINE_bool('torch_channels_last', None, 'PyTorch peer\'s memory layout (default: '
+                  'torch_peer.DEFAULT_CHANNELS_LAST).')
 flags.DEFINE_string('worker', None, 'Internal: measure this one mode in this process.')
 flags.DEFINE_enum('framework', 'jax', ('jax', 'torch'), 'Internal: worker framework.')
 
@@ -191,7 +196,11 @@ def _worker(mode: str):
     result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
                                 batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
                                 num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
-                                steps=FLAGS.steps)
+                                steps=FLAGS.steps, **{
+                                    name: value for name, value in (
+                                        ('bwbpf_step', FLAGS.torch_bwbpf_step),
+                                        ('channels_last', FLAGS.torch_channels_last))
+                                    if value is not None})
   else:
     result = measure_jax(mode)
   result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
@@ -206,7 +215,8 @@ def _run_worker(mode: str, framework: str) -> int:
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()
               if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
-                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops')
+                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops',
+                          'torch_bwbpf_step', 'torch_channels_last')
               and value is not None]
   proc = subprocess.run(argv, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -226,7 +236,8 @@ def main(argv):
     return
   failures = 0
   for mode in FLAGS.modes:
-    failures += _run_worker(mode, 'jax')
+    if FLAGS.jax:
+      failures += _run_worker(mode, 'jax')
     if FLAGS.compare_torch and not mode.endswith(REMAT_SUFFIX):
       failures += _run_worker(mode, 'torch')
   sys.exit(1 if failures else 0)
