@@ -8,6 +8,10 @@ after compilation, timed by `benchmarks.harness`), peak_rss_bytes (the worker pr
 runtime included) and step_memory_bytes (XLA's own account of what the step
 needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
+Where the peak goes: baseline_rss_bytes is the worker's resident memory before
+the model exists (interpreter, JAX, XLA:CPU, oneDNN), state_bytes every
+block's parameters, BatchNorm statistics and optimizer state; the rest of the
+peak is the step's buffers, compiled code and the allocator's slack.
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
 
@@ -148,6 +152,8 @@ def measure_jax(mode: str) -> dict:
   from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   remat = mode.endswith(REMAT_SUFFIX)
+  layers.onednn_runs_convolutions()  # Starts the backend and loads oneDNN before the baseline.
+  baseline_rss = harness.current_rss_bytes()
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
                          mode=mode.removesuffix(REMAT_SUFFIX), width=FLAGS.width,
                          dtype=jnp.dtype(FLAGS.dtype), remat=remat)
@@ -172,6 +178,7 @@ def measure_jax(mode: str) -> dict:
   else:
     step = bw.make_train_step(model, tx)
     memory = _memory_bytes(step.lower(states, batch).compile())
+  state_bytes = _tree_bytes(states)
   timing, states = harness.time_steps(lambda states: step(states, batch)[0], states,
                                       steps=FLAGS.steps)
   images_per_sec = timing.per_second(FLAGS.batch_size)
@@ -185,6 +192,7 @@ def measure_jax(mode: str) -> dict:
           'mfu': (images_per_sec * model_flops_per_image / (peak * 1e12)) if peak else None,
           'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
+          'baseline_rss_bytes': baseline_rss, 'state_bytes': state_bytes,
           'device': device_kind,
           'convolutions': ('onednn' if FLAGS.dtype == 'float32'
                            and layers.onednn_runs_convolutions() else 'xla')}
