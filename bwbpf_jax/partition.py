@@ -28,6 +28,13 @@ from bwbpf_jax.errors import UsageError
 #   still reports an accuracy without changing the backbone's gradient.
 MODES = ('bwbpf', 'deep_supervision', 'bp')
 
+# Gradient checkpointing (`build_model(remat=True)`): each unit runs under
+# `jax.checkpoint` with this policy, so the backward pass keeps only every unit's
+# input and recomputes the unit's inner activations (conv outputs, BatchNorm
+# intermediates) from it: one extra forward pass for memory that no longer grows
+# with the layers inside a unit. The update is unchanged.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+
 
 class Block(nn.Module):
   """A contiguous run of units and the head that reads its output.
@@ -40,16 +47,23 @@ class Block(nn.Module):
   stem: Optional[nn.Module] = None
   detach_input: bool = True
   detach_head_input: bool = False
+  remat: bool = False  # Every unit (and the stem) under jax.checkpoint with REMAT_POLICY.
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.detach_input:
       # The block boundary: no gradient from this block's loss leaves the block.
       x = jax.lax.stop_gradient(x)
-    if self.stem is not None:
-      x = self.stem(x, train=train)
-    for unit in self.units:
-      x = unit(x, train=train)
+    layers = ([lambda block: block.stem] if self.stem is not None else []) + [
+        lambda block, i=i: block.units[i] for i in range(len(self.units))]
+    for layer in layers:
+      if self.remat:
+        # A lifted transform of this block: the unit is reached through the block it
+        # is given, so parameter names (and states) are those of remat=False.
+        x = nn.remat(lambda block, x, layer=layer: layer(block)(x, train=train),
+                     policy=REMAT_POLICY)(self, x)
+      else:
+        x = layer(self)(x, train=train)
     head_input = jax.lax.stop_gradient(x) if self.detach_head_input else x
     return x, self.head(head_input, train=train)
 
@@ -62,6 +76,7 @@ class PartitionedModel:
   split_points: tuple
   mode: str
   num_classes: int
+  remat: bool = False
 
   @property
   def num_blocks(self) -> int:
@@ -141,7 +156,7 @@ def validate_split_points(split_points: Sequence[int], num_units: int) -> tuple:
 def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
                 split_points: Optional[Sequence[int]] = None, mode: str = 'bwbpf',
                 aux_head: str = 'linear', width: float = 1.0, stem: str = 'cifar',
-                dtype: Any = jnp.float32) -> PartitionedModel:
+                dtype: Any = jnp.float32, remat: bool = False) -> PartitionedModel:
   """Builds `arch` cut into blocks for training `mode`.
 
   Args:
@@ -155,6 +170,8 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
     width: channel multiplier (0.25 for quick CPU runs).
     stem: 'cifar' (3x3, stride 1) or 'imagenet' (7x7 stride 2 + max-pool), ResNets only.
     dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16 on accelerators.
+    remat: gradient checkpointing: every unit under `jax.checkpoint` (`REMAT_POLICY`),
+      trading a second forward pass for activation memory. Any mode; same update.
   """
   if mode not in MODES:
     raise UsageError(f'unknown mode {mode!r}; choose one of {", ".join(MODES)}')
@@ -173,9 +190,9 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
         head=models.make_head('linear' if is_output else aux_head, num_classes, dtype),
         stem=stem_module if k == 0 else None,
         detach_input=(mode == 'bwbpf'),
-        detach_head_input=(mode == 'bp' and not is_output)))
+        detach_head_input=(mode == 'bp' and not is_output), remat=remat))
   return PartitionedModel(arch=arch, blocks=tuple(blocks), split_points=split_points,
-                          mode=mode, num_classes=num_classes)
+                          mode=mode, num_classes=num_classes, remat=remat)
 
 
 def block_unit_counts(model: PartitionedModel) -> tuple:

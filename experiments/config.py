@@ -40,6 +40,9 @@ class Config:
   seed: int = 0
   eval_every: int = 1
   train_step: str = 'auto'  # 'fused', 'blockwise' (bwbpf only), or 'auto'.
+  # Gradient checkpointing of every unit (partition.REMAT_POLICY), in any mode: the
+  # same update with less activation memory, for one more forward pass per step.
+  remat: bool = False
   parallel: str = 'auto'  # 'none', 'data', 'blocks', or 'auto'.
   microbatches: int = 4  # Pipeline depth for parallel='blocks'.
   pipeline_stages: Optional[int] = None  # Stages for parallel='blocks' (None: one per block).

@@ -104,6 +104,9 @@ flags.DEFINE_integer('eval_every', _UNSET, 'Evaluate every N epochs (and at the 
 flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
                   'fused: one jitted step; blockwise: one jitted call per block (bwbpf; less '
                   'memory); auto: blockwise for bwbpf.')
+flags.DEFINE_bool('remat', _UNSET, 'Gradient checkpointing: every unit under jax.checkpoint, '
+                  'keeping only unit inputs for the backward pass (same update, less memory, '
+                  'one more forward pass); any mode.')
 flags.DEFINE_enum('parallel', _UNSET, ('auto', 'none', 'data', 'blocks'),
                   'data: the step sharded over all devices (the batch split, gradients '
                   'averaged); blocks: a stage pipeline over a (data x stage) mesh of every '

@@ -197,7 +197,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
       config.arch, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
       split_points=config.split_points, mode=config.mode, aux_head=config.aux_head,
       width=config.width, stem=config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar'),
-      dtype=jnp.dtype(config.dtype))
+      dtype=jnp.dtype(config.dtype), remat=config.remat)
   steps_per_epoch = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
   if steps_per_epoch == 0:
     raise bw.UsageError(f'--batch_size={config.batch_size} is larger than the '

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import layer_bench
+from benchmarks import layer_bench
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def test_resnet18_counts_strided_and_projection_convolutions():
 def test_jax_and_torch_compute_the_same_kernel_gradient():
   pytest.importorskip('torch')
   proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.layer_bench', '--arch=vgg11', '--width=0.125',
+      [sys.executable, '-m', 'benchmarks.layer_bench', '--arch=vgg11', '--width=0.125',
        '--batch_size=2', '--repeats=1', '--compare_torch'],
       capture_output=True, text=True, cwd=_ROOT, check=True)
   lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]

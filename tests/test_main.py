@@ -29,6 +29,13 @@ def _stderr_lines(proc):
   return [l for l in proc.stderr.splitlines() if l.strip()]
 
 
+def _stderr_only_line(proc) -> str:
+  """The one line a user error prints on stderr (asserts there is exactly one)."""
+  lines = _stderr_lines(proc)
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
 def _correct_from_checkpoint(workdir):
   """(test examples each head gets right [K], test examples), from the run's last checkpoint."""
   import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
@@ -61,7 +68,7 @@ class EndToEndTest(absltest.TestCase):
   def test_short_digits_run_writes_every_output(self):
     workdir = self.create_tempdir().full_path
     proc = run_main('--dataset=digits', '--arch=resnet18', '--width=0.125', '--num_blocks=2',
-                    '--max_steps=3', '--batch_size=32', '--augment=crop_flip',
+                    '--max_steps=3', '--batch_size=32', '--augment=crop_flip', '--remat',
                     f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('test accuracy', proc.stdout)
@@ -79,6 +86,7 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(results['steps'], 3)
     self.assertEqual(results['config']['arch'], 'resnet18')
     self.assertEqual(results['config']['augment'], 'crop_flip')
+    self.assertTrue(results['config']['remat'])
     self.assertGreater(results['images_per_sec'], 0)
     records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
     self.assertEqual([r['split'] for r in records], ['train', 'test'])
@@ -157,7 +165,7 @@ class WorkdirTest(absltest.TestCase):
     # A failed start (the data is missing) leaves nothing behind, not even the workdir.
     proc = run_main('--dataset=imagefolder', f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertIn('needs data_dir', _stderr_last_line(proc))
+    self.assertIn('needs data_dir', _stderr_only_line(proc))
     self.assertFalse(os.path.exists(os.path.dirname(workdir)))
 
     # The fixed rerun in the same workdir, stdout to a file as in a cluster job.
@@ -186,7 +194,7 @@ class WorkdirTest(absltest.TestCase):
     finally:
       first.send_signal(signal.SIGCONT)
     self.assertEqual(second.returncode, 2, second.stderr[-2000:])
-    self.assertRegex(_stderr_last_line(second),
+    self.assertRegex(_stderr_only_line(second),
                      rf'^error: workdir {re.escape(workdir)} is in use by another run \(host '
                      rf'\S+, pid {first.pid}\); wait for it to end, or use another --workdir$')
     _, stderr = first.communicate(timeout=300)
@@ -218,7 +226,7 @@ class WorkdirTest(absltest.TestCase):
                     f'--workdir={workdir}', timeout=120, env=offline)
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertNotIn('Traceback', proc.stderr)
-    line = _stderr_last_line(proc)
+    line = _stderr_only_line(proc)
     self.assertRegex(line, r'^error: Dataset cifar10 is not prepared under .* could not be '
                            r'downloaded \(ConnectionError: www\.cs\.toronto\.edu is unreachable')
     self.assertNotIn('No module named', line)

@@ -159,5 +159,24 @@ class LibraryConvolutionTest(absltest.TestCase):
     self.assertIn('no C++ compiler (no-such-compiler)', result.stderr)
 
 
+class CachedBuildTest(absltest.TestCase):
+
+  def test_an_empty_cached_library_is_rebuilt_and_used(self):
+    # An interrupted copy leaves a 0-byte .so at the cached path; loading it fails,
+    # and the library must compile it again rather than keep XLA's convolution.
+    code = ('import jax, jax.numpy as jnp; from bwbpf_jax.models import onednn_conv as o; '
+            'path = o._library_path(); path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(b""); '
+            'available = o.available(); '
+            'y = jax.jit(lambda x, w: o.conv(x, w, (1, 1), ((1, 1), (1, 1))))('
+            'jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1))); '
+            'print(available, path.stat().st_size > 0, float(y[0, 1, 1, 0]))')
+    cache_dir = self.create_tempdir().full_path
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            check=False, env={**os.environ, 'BWBPF_CACHE_DIR': cache_dir})
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertEqual(result.stdout.strip(), 'True True 9.0')
+    self.assertIn('rebuilding it', result.stderr)
+
+
 if __name__ == '__main__':
   absltest.main()

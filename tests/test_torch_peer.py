@@ -1,4 +1,4 @@
-"""The PyTorch peer (experiments/torch_peer.py) builds the same network as bwbpf_jax.
+"""The PyTorch peer (benchmarks/torch_peer.py) builds the same network as bwbpf_jax.
 
 Skipped where torch is not installed (it is a benchmark-only dependency).
 """
@@ -10,7 +10,7 @@ import bwbpf_jax as bw
 from bwbpf_jax import state as state_lib
 
 torch = __import__('pytest').importorskip('torch')
-from experiments import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _jax_block_param_counts(arch, width, num_blocks, num_classes=10):
@@ -78,6 +78,43 @@ class DetachTest(parameterized.TestCase):
       self.assertTrue(any(not torch.equal(p, q) for p, q in zip(block.parameters(), old)))
 
 
+class BwbpfProgramsTest(parameterized.TestCase):
+  """The per-block loop and the single backward over summed detached losses: one update."""
+
+  def _after_two_steps(self, bwbpf_step, channels_last):
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    peer = torch_peer.Peer('resnet18', num_classes=10, num_blocks=3, width=0.125).to(
+        memory_format=memory_format)
+    optimizers = torch_peer.make_optimizers(peer)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+      images = torch.randn(8, 3, 16, 16, generator=generator).contiguous(
+          memory_format=memory_format)
+      labels = torch.randint(0, 10, (8,), generator=generator)
+      losses = torch_peer.train_step(peer, optimizers, images, labels, bwbpf_step)
+    return torch.stack(losses), peer.state_dict()
+
+  @parameterized.parameters(('summed', True), ('summed', False), ('per_block', False))
+  def test_same_update_as_the_reference_loop(self, bwbpf_step, channels_last):
+    reference_losses, reference = self._after_two_steps('per_block', True)
+    losses, state = self._after_two_steps(bwbpf_step, channels_last)
+    torch.testing.assert_close(losses, reference_losses, rtol=1e-5, atol=1e-6)
+    for name, value in reference.items():
+      torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+  @parameterized.parameters(*torch_peer.BWBPF_STEPS)
+  def test_a_few_steps_on_one_batch_lower_every_loss(self, bwbpf_step):
+    torch.manual_seed(0)
+    peer = torch_peer.Peer('vgg11', num_classes=10, num_blocks=3, width=0.125)
+    optimizers = torch_peer.make_optimizers(peer, learning_rate=0.05)
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    first = torch.stack(torch_peer.train_step(peer, optimizers, images, labels, bwbpf_step))
+    for _ in range(10):
+      last = torch.stack(torch_peer.train_step(peer, optimizers, images, labels, bwbpf_step))
+    self.assertTrue(bool(torch.all(last < first)), f'{first} -> {last}')
+
+
 class MeasureTest(parameterized.TestCase):
 
   @parameterized.parameters('bwbpf', 'deep_supervision', 'bp')
@@ -85,7 +122,9 @@ class MeasureTest(parameterized.TestCase):
     result = torch_peer.measure(mode, arch='vgg11', width=0.125, batch_size=4, image_size=32,
                                 num_classes=10, num_blocks=3, steps=1)
     self.assertEqual(result['framework'], 'torch')
-    self.assertEqual(result['step'], 'blockwise' if mode == 'bwbpf' else 'fused')
+    # The default bwbpf program is one backward over the summed losses (the fastest measured).
+    self.assertEqual(result['step'], 'fused')
+    self.assertEqual(result['bwbpf_step'], 'summed' if mode == 'bwbpf' else None)
     self.assertGreater(result['images_per_sec'], 0)
     self.assertIsInstance(result['step_memory_bytes'], int)
     self.assertIn('device', result)

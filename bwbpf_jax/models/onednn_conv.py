@@ -1,7 +1,7 @@
 """oneDNN convolutions for XLA:CPU, through XLA's FFI.
 
 XLA:CPU runs convolutions on Eigen, which on an AVX-512 CPU is about 1.4x slower
-than the oneDNN kernels PyTorch uses (`python -m experiments.layer_bench
+than the oneDNN kernels PyTorch uses (`python -m benchmarks.layer_bench
 --compare_torch`); on a VGG that is the whole gap between the two frameworks'
 train steps. This module runs the convolution's three train-step kernels
 (forward, input gradient, kernel gradient) in oneDNN instead, as XLA FFI custom
@@ -57,8 +57,22 @@ def _compile_command(output: pathlib.Path) -> list:
           f'-L{root / "lib"}', '-ldnnl', f'-Wl,-rpath,{root / "lib"}', '-o', str(output)]
 
 
-def _build() -> pathlib.Path:
-  """Compiles the handlers once per (source, jaxlib, oneDNN, compiler command); returns the .so."""
+def _library_path() -> pathlib.Path:
+  """The cached .so, named by content: (source, jaxlib, oneDNN, compiler command)."""
+  root = _onednn_root()
+  digest = hashlib.sha256()
+  digest.update(_SOURCE.read_bytes())
+  digest.update(jax.__version__.encode())
+  digest.update(os.fsencode(os.path.realpath(root / 'lib' / 'libdnnl.so')))
+  digest.update(' '.join(_compile_command(pathlib.Path('out'))).encode())
+  return pathlib.Path(cache.cache_dir()) / f'onednn_conv-{digest.hexdigest()[:16]}.so'
+
+
+def _build(rebuild: bool = False) -> pathlib.Path:
+  """Compiles the handlers once per `_library_path()`; returns the .so.
+
+  With `rebuild`, a cached library is compiled again (it failed to load).
+  """
   root = _onednn_root()
   for needed in (root / 'include' / 'oneapi' / 'dnnl' / 'dnnl.hpp', root / 'lib' / 'libdnnl.so'):
     if not needed.exists():
@@ -66,13 +80,8 @@ def _build() -> pathlib.Path:
   compiler = os.environ.get('CXX', 'g++')
   if shutil.which(compiler) is None:
     raise RuntimeError(f'no C++ compiler ({compiler}) on PATH')
-  digest = hashlib.sha256()
-  digest.update(_SOURCE.read_bytes())
-  digest.update(jax.__version__.encode())
-  digest.update(os.fsencode(os.path.realpath(root / 'lib' / 'libdnnl.so')))
-  digest.update(' '.join(_compile_command(pathlib.Path('out'))).encode())
-  library = pathlib.Path(cache.cache_dir()) / f'onednn_conv-{digest.hexdigest()[:16]}.so'
-  if library.exists():
+  library = _library_path()
+  if library.exists() and not rebuild:
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
   # Build beside the target and rename: concurrent builders (test workers) never
@@ -91,19 +100,34 @@ def _build() -> pathlib.Path:
   return library
 
 
+def _open(library: pathlib.Path) -> dict:
+  """Loads the .so; returns its handlers by FFI target. OSError if it is not a whole build."""
+  loaded = ctypes.cdll.LoadLibrary(str(library))
+  try:
+    return {target: getattr(loaded, symbol) for target, symbol in _TARGETS.items()}
+  except AttributeError as e:
+    raise OSError(f'{library} lacks a handler: {e}') from None
+
+
 @functools.cache
 def _load() -> str:
   """Builds, loads and registers the handlers; returns '' or why they are unavailable."""
   if os.environ.get(_DISABLE_ENV, '1') == '0':
     return f'disabled by {_DISABLE_ENV}=0'
   try:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
+    library = _build()
+    try:
+      handlers = _open(library)
+    except OSError as e:
+      # A cached build cut short (a full disk, a killed copy) or corrupted: build it
+      # once more rather than keep XLA's slower convolution in every later run.
+      logging.warning('cached oneDNN convolution does not load (%s); rebuilding it', e)
+      handlers = _open(_build(rebuild=True))
   except (RuntimeError, OSError) as e:
     logging.warning('oneDNN convolution unavailable, XLA:CPU convolutions run instead: %s', e)
     return str(e)
-  for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform='cpu')
+  for target, handler in handlers.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   return ''
 
 

@@ -137,7 +137,7 @@ def make_data_parallel_train_step(model: PartitionedModel, tx: optax.GradientTra
   replicated = replicated_sharding(mesh)
   jitted = jax.jit(fn, in_shardings=(replicated, data_sharding(mesh)),
                    out_shardings=(replicated, replicated),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), **step_lib.jit_options(model))
   return _checked_batch_size(jitted, mesh)
 
 
@@ -166,7 +166,7 @@ def make_data_parallel_blockwise_train_step(model: PartitionedModel,
                                 skip_nonfinite=skip_nonfinite),
               in_shardings=(replicated, split, split),
               out_shardings=(replicated, split, replicated),
-              donate_argnums=(0,) if donate else ())
+              donate_argnums=(0,) if donate else (), **step_lib.jit_options(model))
       for block in model.blocks]
   return _checked_batch_size(step_lib.chain_block_steps(block_steps), mesh)
 

@@ -341,10 +341,11 @@ class StagePipeline:
     self.batch_sharding = jax.sharding.NamedSharding(mesh, spec(None, DATA_AXIS))
     replicated = jax.sharding.NamedSharding(mesh, spec())
     donated = (0,) if donate else ()
+    options = step_lib.jit_options(model)  # Keeps --remat's barriers on XLA:CPU.
     self.step = jax.jit(self._step, donate_argnums=donated,
-                        out_shardings=(self.shardings, replicated))
+                        out_shardings=(self.shardings, replicated), **options)
     self.drain = jax.jit(self._drain, donate_argnums=donated,
-                         out_shardings=(self.shardings, replicated))
+                         out_shardings=(self.shardings, replicated), **options)
     self.block_states = jax.jit(self._unpack, out_shardings=replicated)
 
   # -- placement

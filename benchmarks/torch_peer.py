@@ -1,4 +1,4 @@
-"""The PyTorch peer of bwbpf_jax's train step, for `experiments.bench --compare_torch`.
+"""The PyTorch peer of bwbpf_jax's train step, for `benchmarks.bench --compare_torch`.
 
 Same network as `bwbpf_jax.build_model`: VGG with BatchNorm and conv bias, or a
 ResNet (basic or bottleneck units, CIFAR or ImageNet stem), the same width
@@ -7,9 +7,12 @@ the architecture's stages) and the same heads (global average pool + linear).
 Every block has its own SGD optimizer (momentum 0.9, weight decay 5e-4), as the
 reference code's `optimizer_1..K`. The modes:
 
-  bwbpf             each block's input is detached; block k's loss is backpropagated
-                    and block k stepped before block k+1 runs, so only one block's
-                    graph is alive at a time (the reference's block-wise loop).
+  bwbpf             each block's input is detached. Two programs of the same update
+                    (`BWBPF_STEPS`): 'per_block', the reference's loop (block k's
+                    loss backpropagated and block k stepped before block k+1 runs, so
+                    one block's graph is alive at a time), and 'summed' (every block
+                    forward, one backward over the sum of the detached losses, then
+                    every block's step), the plain PyTorch program of it.
   deep_supervision  nothing detached; the sum of all heads' losses, one backward.
   bp                the output loss trains the backbone; the auxiliary heads are
                     probes on detached features (their losses added to the sum).
@@ -20,14 +23,12 @@ pure-Python parts (architecture tables, split points, width scaling).
 """
 
 import os
-import resource
-import statistics
-import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from benchmarks import harness
 from bwbpf_jax import partition
 from bwbpf_jax.models import layers
 from bwbpf_jax.models import resnet
@@ -200,9 +201,21 @@ def make_optimizers(peer, learning_rate=0.01, momentum=0.9, weight_decay=5e-4):
                           weight_decay=weight_decay) for block in peer.blocks]
 
 
-def train_step(peer, optimizers, images, labels):
-  """One training step of `peer.mode`; returns the K losses (detached tensors)."""
-  if peer.mode == 'bwbpf':
+BWBPF_STEPS = ('per_block', 'summed')
+# The fastest faithful program on the CPU it was measured on (docs/results.md, "JAX against
+# PyTorch"): the benchmark's default peer.
+DEFAULT_BWBPF_STEP = 'summed'
+DEFAULT_CHANNELS_LAST = True
+
+
+def train_step(peer, optimizers, images, labels, bwbpf_step=DEFAULT_BWBPF_STEP):
+  """One training step of `peer.mode`; returns the K losses (detached tensors).
+
+  `bwbpf_step` picks the bwbpf program (`BWBPF_STEPS`); both compute the same update.
+  """
+  if bwbpf_step not in BWBPF_STEPS:
+    raise ValueError(f'unknown bwbpf step {bwbpf_step!r}; choose one of {BWBPF_STEPS}')
+  if peer.mode == 'bwbpf' and bwbpf_step == 'per_block':
     # Block by block: backward and step block k before block k+1 runs, so block
     # k's graph is freed first. The next block reads the detached features,
     # computed before the step, exactly as the fused JAX step sees them.
@@ -231,11 +244,13 @@ def _synchronize(device):
 
 
 def measure(mode, *, arch, width, batch_size, image_size, num_classes, num_blocks, steps,
-            stem='cifar', channels_last=True, seed=0) -> dict:
+            stem='cifar', channels_last=DEFAULT_CHANNELS_LAST, bwbpf_step=DEFAULT_BWBPF_STEP,
+            seed=0) -> dict:
   """Times `steps` train steps of the peer after two warm-up steps.
 
-  Returns a dict like experiments.bench's JAX worker: framework, step
-  ('blockwise' for bwbpf, whose blocks run backward one at a time, else 'fused'),
+  Returns a dict like benchmarks.bench's JAX worker: framework, step
+  ('blockwise' for bwbpf's per-block loop, whose blocks run backward one at a
+  time, else 'fused'), bwbpf_step and channels_last (which program ran),
   images_per_sec (batch / median step time), cpu_seconds_per_step (process CPU
   time over the timed steps, user + system; steadier than wall time on a shared
   CPU), step_memory_bytes (CUDA: peak allocated during the timed steps; CPU: -1,
@@ -253,25 +268,19 @@ def measure(mode, *, arch, width, batch_size, image_size, num_classes, num_block
   images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
       memory_format=memory_format)
   labels = torch.randint(0, num_classes, (batch_size,), device=device)
-  for _ in range(2):  # Warm-up: oneDNN primitive creation, allocator caches.
-    train_step(peer, optimizers, images, labels)
-  _synchronize(device)
+  run = lambda _: train_step(peer, optimizers, images, labels, bwbpf_step)
+  wait = lambda _: _synchronize(device)
+  # Warm-up: oneDNN primitive creation, allocator caches.
+  harness.time_steps(run, None, steps=1, warmup=1, block=wait)
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats(device)
-  times = []
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  cpu_start = usage.ru_utime + usage.ru_stime
-  for _ in range(steps):
-    start = time.perf_counter()
-    train_step(peer, optimizers, images, labels)
-    _synchronize(device)
-    times.append(time.perf_counter() - start)
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  cpu_seconds = usage.ru_utime + usage.ru_stime - cpu_start
+  timing, _ = harness.time_steps(run, None, steps=steps, warmup=0, block=wait)
   memory = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else -1
-  return {'framework': 'torch', 'step': 'blockwise' if mode == 'bwbpf' else 'fused',
-          'images_per_sec': batch_size / statistics.median(times),
-          'cpu_seconds_per_step': cpu_seconds / steps,
+  blockwise = mode == 'bwbpf' and bwbpf_step == 'per_block'
+  return {'framework': 'torch', 'step': 'blockwise' if blockwise else 'fused',
+          'bwbpf_step': bwbpf_step if mode == 'bwbpf' else None,
+          'images_per_sec': timing.per_second(batch_size),
+          'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': int(memory), 'platform': device.type,
           'device': (torch.cuda.get_device_name(device) if device.type == 'cuda'
                      else f'cpu ({torch.get_num_threads()} threads)'),

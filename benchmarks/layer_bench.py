@@ -1,6 +1,6 @@
 r"""Per-convolution timing, JAX against PyTorch: where a CPU step's time goes.
 
-    python -m experiments.layer_bench --arch=vgg19 --width=0.5 --batch_size=128 --compare_torch
+    python -m benchmarks.layer_bench --arch=vgg19 --width=0.5 --batch_size=128 --compare_torch
 
 For every distinct convolution of the network (input shape, kernel, stride) it
 times, each jitted on its own, the forward pass, the gradient with respect to
@@ -18,8 +18,6 @@ convolution and its backward kernels (`aten.convolution_backward`), and
 import functools
 import json
 import os
-import statistics
-import time
 from typing import NamedTuple
 
 from experiments import xla_defaults
@@ -34,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 import bwbpf_jax as bw
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.models import layers
@@ -88,14 +87,9 @@ def conv_shapes(arch: str, width: float, batch_size: int, image_size: int) -> li
   return [ConvShape(*key, count) for key, count in counts.items()]
 
 
-def _median_ms(fn, repeats: int) -> float:
-  fn()  # Compiles / warms up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+def _median_ms(fn, repeats: int, block=None) -> float:
+  """Median ms of `fn()` after one compiling call (JAX results are waited for)."""
+  return 1e3 * harness.time_calls(fn, repeats=repeats, block=block).median_seconds
 
 
 def time_jax(x, w, dy, stride, padding, repeats):
@@ -104,9 +98,9 @@ def time_jax(x, w, dy, stride, padding, repeats):
   forward = jax.jit(conv)
   input_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
   weight_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
-  ms = {'forward': _median_ms(lambda: forward(x, w).block_until_ready(), repeats),
-        'input_grad': _median_ms(lambda: input_grad(x, w, dy).block_until_ready(), repeats),
-        'weight_grad': _median_ms(lambda: weight_grad(x, w, dy).block_until_ready(), repeats)}
+  ms = {'forward': _median_ms(lambda: forward(x, w), repeats),
+        'input_grad': _median_ms(lambda: input_grad(x, w, dy), repeats),
+        'weight_grad': _median_ms(lambda: weight_grad(x, w, dy), repeats)}
   return ms, np.asarray(weight_grad(x, w, dy))
 
 
@@ -126,11 +120,12 @@ def time_torch(x, w, dy, stride, padding, repeats):
     return torch.ops.aten.convolution_backward(tdy, tx, tw, None, list(stride), pad, [1, 1],
                                                False, [0, 0], 1, mask)
 
+  ready = lambda outputs: outputs  # PyTorch's CPU kernels return when done.
   with torch.no_grad():
     ms = {'forward': _median_ms(lambda: torch.nn.functional.conv2d(tx, tw, None, stride, pad),
-                                repeats),
-          'input_grad': _median_ms(lambda: backward([True, False, False]), repeats),
-          'weight_grad': _median_ms(lambda: backward([False, True, False]), repeats)}
+                                repeats, ready),
+          'input_grad': _median_ms(lambda: backward([True, False, False]), repeats, ready),
+          'weight_grad': _median_ms(lambda: backward([False, True, False]), repeats, ready)}
     weight_grad = backward([False, True, False])[1].permute(2, 3, 1, 0).numpy()
   return ms, weight_grad
 

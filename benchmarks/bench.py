@@ -1,35 +1,42 @@
 r"""Speed and memory of the train step, one fresh process per mode.
 
-    python -m experiments.bench --arch=resnet50 --batch_size=128 --num_blocks=4 \
+    python -m benchmarks.bench --arch=resnet50 --batch_size=128 --num_blocks=4 \
         --modes=bp,deep_supervision,bwbpf --steps=5
 
 prints one JSON line per mode: images_per_sec (median over --steps timed steps
-after compilation), peak_rss_bytes (the worker process's peak resident memory,
+after compilation, timed by `benchmarks.harness`), peak_rss_bytes (the worker process's peak resident memory,
 runtime included) and step_memory_bytes (XLA's own account of what the step
 needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
+Where the peak goes: baseline_rss_bytes is the worker's resident memory before
+the model exists (interpreter, JAX, XLA:CPU, oneDNN), state_bytes every
+block's parameters, BatchNorm statistics and optimizer state; the rest of the
+peak is the step's buffers, compiled code and the allocator's slack.
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
 
 Model FLOP utilisation: model_flops_per_image is 3x the forward pass of the
-backbone and every head (XLA's cost analysis of eval_step, the inference forward; the
-backward costs about twice the forward), the same count for every mode, so
-modes compare on work done for the user. mfu divides model FLOP/s by the
+backbone and every head (the backward costs about twice the forward), the same
+count for every mode, so modes compare on work done for the user. The forward
+is counted as 2 x the multiply-adds of every convolution and dense layer, every
+kernel tap counted, padding included (`forward_flops`); elementwise work
+(BatchNorm, ReLU, pooling) is left out, as MFU conventions do. mfu divides model FLOP/s by the
 device's dense peak for the dtype (`--peak_tflops`, or a table of known
 accelerators; float32 counts the TF32 tensor-core peak, which XLA uses for
 float32 convolutions on NVIDIA GPUs at the default precision).
-`--compare_torch` adds the PyTorch peer of each mode (experiments/torch_peer.py;
+A mode with the suffix `_remat` (`bp_remat`, `deep_supervision_remat`,
+`bwbpf_remat`) is that mode with gradient checkpointing of every unit
+(`build_model(remat=True)`); the PyTorch peer has no such mode.
+`--compare_torch` adds the PyTorch peer of each mode (benchmarks/torch_peer.py;
 needs `pip install torch==2.13.0`).
 """
 
 import functools
 import json
+import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from experiments import xla_defaults
 
@@ -39,6 +46,8 @@ xla_defaults.apply()  # Before JAX starts.
 from absl import app
 from absl import flags
 
+from benchmarks import harness
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('arch', 'resnet50', 'Architecture.')
 flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
@@ -46,7 +55,8 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('num_classes', 10, 'Classes.')
 flags.DEFINE_integer('num_blocks', 4, 'K.')
-flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure.')
+flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure; '
+                  'a _remat suffix (bp_remat) adds gradient checkpointing of every unit.')
 flags.DEFINE_enum('train_step', 'auto', ('auto', 'fused', 'blockwise'),
                   'bwbpf step variant; auto: blockwise for bwbpf (as experiments.main).')
 flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'), 'Computation dtype.')
@@ -54,6 +64,11 @@ flags.DEFINE_integer('steps', 5, 'Timed steps after one compile step.')
 flags.DEFINE_float('peak_tflops', None, 'Dense peak TFLOP/s of the device for --dtype, for '
                    'mfu; default: PEAK_TFLOPS for known accelerators.')
 flags.DEFINE_bool('compare_torch', False, 'Also measure the PyTorch peer of each mode.')
+flags.DEFINE_bool('jax', True, 'Measure the JAX step (--nojax --compare_torch: the peer only).')
+flags.DEFINE_enum('torch_bwbpf_step', None, ('per_block', 'summed'), 'PyTorch peer\'s bwbpf '
+                  'program (default: torch_peer.DEFAULT_BWBPF_STEP, the fastest measured).')
+flags.DEFINE_bool('torch_channels_last', None, 'PyTorch peer\'s memory layout (default: '
+                  'torch_peer.DEFAULT_CHANNELS_LAST).')
 flags.DEFINE_string('worker', None, 'Internal: measure this one mode in this process.')
 flags.DEFINE_enum('framework', 'jax', ('jax', 'torch'), 'Internal: worker framework.')
 
@@ -81,19 +96,33 @@ def peak_tflops(device_kind: str, dtype: str, override=None):
 
 
 def forward_flops(model, states, batch) -> float:
-  """XLA's FLOP count of `eval_step`: one inference forward through every block and head."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
+  """2 x multiply-adds of every convolution and dense layer in one inference forward.
 
-  # The lowered (pre-optimisation) HLO: after GPU compilation convolutions become
-  # library calls that the compiled module's cost analysis no longer counts. For
-  # the same reason the count is traced with XLA's convolutions, not oneDNN's.
-  with layers.xla_convolutions():
-    lowered = jax.jit(functools.partial(step_lib.eval_step, model)).lower(states, batch)
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) if cost else 0.0
+  Read off the traced network (Flax method interception on `eval_step`'s
+  abstract evaluation), so it is the same however the platform lowers a
+  convolution: every kernel tap of every output position counts, padding
+  included. XLA's cost analysis would count only taps inside the image on its
+  convolutions and every tap on the CPU's im2col path, and none after GPU
+  compilation turns convolutions into library calls.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  flops = []
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+      in_features = args[0].shape[-1]
+      taps = math.prod(module.kernel_size) if isinstance(module, nn.Conv) else 1
+      groups = getattr(module, 'feature_group_count', 1)
+      flops.append(2 * math.prod(y.shape) * taps * in_features // groups)
+    return y
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(step_lib.eval_step, model), states, batch)
+  return float(sum(flops))
 
 
 def _memory_bytes(compiled) -> int:
@@ -109,9 +138,7 @@ def _tree_bytes(tree) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
+REMAT_SUFFIX = '_remat'
 
 
 def measure_jax(mode: str) -> dict:
@@ -124,21 +151,26 @@ def measure_jax(mode: str) -> dict:
   from bwbpf_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
 
+  remat = mode.endswith(REMAT_SUFFIX)
+  layers.onednn_runs_convolutions()  # Starts the backend and loads oneDNN before the baseline.
+  baseline_rss = harness.current_rss_bytes()
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
-                         mode=mode, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype))
+                         mode=mode.removesuffix(REMAT_SUFFIX), width=FLAGS.width,
+                         dtype=jnp.dtype(FLAGS.dtype), remat=remat)
   tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
   states = bw.init_block_states(model, tx, jax.random.key(0), shape)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=shape), jnp.float32),
            'label': jnp.asarray(rng.integers(0, FLAGS.num_classes, FLAGS.batch_size), jnp.int32)}
-  blockwise = mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
+  blockwise = model.mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
   if blockwise:
     step = bw.make_blockwise_train_step(model, tx)
     memory, x = 0, batch['image']
     for block, state in zip(model.blocks, states):
       compiled = jax.jit(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
-                         donate_argnums=(0,)).lower(state, x, batch['label']).compile()
+                         donate_argnums=(0,), **step_lib.jit_options(model)).lower(
+                             state, x, batch['label']).compile()
       memory = max(memory, _memory_bytes(compiled) - _tree_bytes(state))
       x = jax.eval_shape(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
                          state, x, batch['label'])[1]
@@ -146,26 +178,21 @@ def measure_jax(mode: str) -> dict:
   else:
     step = bw.make_train_step(model, tx)
     memory = _memory_bytes(step.lower(states, batch).compile())
-  states, metrics = step(states, batch)  # Compiles.
-  jax.block_until_ready(metrics)
-  times = []
-  cpu_start = _cpu_seconds()
-  for _ in range(FLAGS.steps):
-    start = time.perf_counter()
-    states, metrics = step(states, batch)
-    jax.block_until_ready((states, metrics))
-    times.append(time.perf_counter() - start)
-  images_per_sec = FLAGS.batch_size / statistics.median(times)
+  state_bytes = _tree_bytes(states)
+  timing, states = harness.time_steps(lambda states: step(states, batch)[0], states,
+                                      steps=FLAGS.steps)
+  images_per_sec = timing.per_second(FLAGS.batch_size)
   model_flops_per_image = 3 * forward_flops(model, states, batch) / FLAGS.batch_size
   device_kind = jax.devices()[0].device_kind
   peak = peak_tflops(device_kind, FLAGS.dtype, FLAGS.peak_tflops)
-  return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused',
+  return {'framework': 'jax', 'step': 'blockwise' if blockwise else 'fused', 'remat': remat,
           'images_per_sec': images_per_sec,
           'model_flops_per_image': model_flops_per_image,
           'model_tflops_per_sec': images_per_sec * model_flops_per_image / 1e12,
           'mfu': (images_per_sec * model_flops_per_image / (peak * 1e12)) if peak else None,
-          'cpu_seconds_per_step': (_cpu_seconds() - cpu_start) / FLAGS.steps,
+          'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
+          'baseline_rss_bytes': baseline_rss, 'state_bytes': state_bytes,
           'device': device_kind,
           'convolutions': ('onednn' if FLAGS.dtype == 'float32'
                            and layers.onednn_runs_convolutions() else 'xla')}
@@ -173,27 +200,31 @@ def measure_jax(mode: str) -> dict:
 
 def _worker(mode: str):
   if FLAGS.framework == 'torch':
-    from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
     result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
                                 batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
                                 num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
-                                steps=FLAGS.steps)
+                                steps=FLAGS.steps, **{
+                                    name: value for name, value in (
+                                        ('bwbpf_step', FLAGS.torch_bwbpf_step),
+                                        ('channels_last', FLAGS.torch_channels_last))
+                                    if value is not None})
   else:
     result = measure_jax(mode)
   result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
                 image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
-                steps=FLAGS.steps, load_avg_1m=os.getloadavg()[0],
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                steps=FLAGS.steps, **harness.process_fields())
   print(json.dumps(result), flush=True)
 
 
 def _run_worker(mode: str, framework: str) -> int:
-  argv = [sys.executable, '-m', 'experiments.bench', f'--worker={mode}',
+  argv = [sys.executable, '-m', 'benchmarks.bench', f'--worker={mode}',
           f'--framework={framework}'] + [
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()
               if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
-                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops')
+                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops',
+                          'torch_bwbpf_step', 'torch_channels_last')
               and value is not None]
   proc = subprocess.run(argv, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -213,8 +244,9 @@ def main(argv):
     return
   failures = 0
   for mode in FLAGS.modes:
-    failures += _run_worker(mode, 'jax')
-    if FLAGS.compare_torch:
+    if FLAGS.jax:
+      failures += _run_worker(mode, 'jax')
+    if FLAGS.compare_torch and not mode.endswith(REMAT_SUFFIX):
       failures += _run_worker(mode, 'torch')
   sys.exit(1 if failures else 0)
 

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: fronts over one timing routine (`benchmarks.harness`)."""
