@@ -17,7 +17,6 @@ They compute the same update as the fused step.
 
 import functools
 
-
 import jax
 import jax.numpy as jnp
 import optax

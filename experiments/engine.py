@@ -114,7 +114,7 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
                                     num_microbatches=config.microbatches,
                                     global_batch_size=config.batch_size,
                                     skip_nonfinite=config.skip_nonfinite)
-  eval_mesh = parallel.make_mesh(devices=mesh.devices.flat)  # The same device order.
+  eval_mesh = parallel.make_mesh(devices=list(mesh.devices.flat))  # The same device order.
   last = {}
 
   per_step = functools.partial(parallel.step_metrics, num_microbatches=config.microbatches)
@@ -130,12 +130,20 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
     states, tail = pipeline.drain(states)
     return states, per_step(last.pop('sums'), tail)
 
+  if jax.process_count() == 1:
+    # Evaluation is a small part of a run; on one device it needs no collectives, which on
+    # XLA:CPU's emulated devices can time out under load (a 40 s rendezvous limit).
+    eval_device = mesh.devices.flat[0]
+    eval_step, put_eval_batch = bw.make_eval_step(model), jax.device_put
+    eval_states = lambda states: jax.device_put(pipeline.block_states(states), eval_device)
+  else:
+    eval_step = parallel.make_data_parallel_eval_step(model, eval_mesh)
+    put_eval_batch = lambda batch: parallel.shard_batch(batch, eval_mesh)
+    eval_states = pipeline.block_states
   return Engine(
       name='blocks', num_devices=mesh.size, put_states=pipeline.init,
       put_batch=pipeline.shard_batch, train_step=train_step,
-      eval_step=parallel.make_data_parallel_eval_step(model, eval_mesh),
-      eval_states=pipeline.block_states,
-      put_eval_batch=lambda batch: parallel.shard_batch(batch, eval_mesh),
+      eval_step=eval_step, eval_states=eval_states, put_eval_batch=put_eval_batch,
       drain=drain,
       host_states=lambda states: jax.device_get(pipeline.block_states(states)),
       feed_slice=parallel.process_feed_slice(mesh), mesh_shape=dict(mesh.shape))
