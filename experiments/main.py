@@ -59,6 +59,10 @@ import sys
 from experiments import xla_defaults
 
 xla_defaults.apply()  # Before JAX starts.
+# TensorFlow (imported for tfds datasets only, to decode images) announces its oneDNN
+# kernels on stderr, where a user's error should be one line; it computes nothing here.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app

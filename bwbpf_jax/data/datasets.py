@@ -26,6 +26,7 @@ Nothing is ever written into `data_dir`.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,7 @@ from typing import Optional, Sequence
 import warnings
 import zipfile
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -169,6 +171,17 @@ def _load_digits(image_size: int) -> Dataset:
       num_classes=10, class_names=tuple(str(digit) for digit in range(10)))
 
 
+@contextlib.contextmanager
+def _only_errors_logged():
+  """tfds warns about every empty version folder it probes; a failure's UsageError says more."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def _load_tfds(name: str, data_dir: Optional[str], image_size: Optional[int]) -> Dataset:
   """A tfds image-classification dataset, prepared (or downloaded) under data_dir."""
   # Imported here: TensorFlow takes seconds to import and only these datasets need it.
@@ -180,12 +193,15 @@ def _load_tfds(name: str, data_dir: Optional[str], image_size: Optional[int]) ->
     pass  # TF's devices were initialised earlier by someone else; nothing left to hide.
   import tensorflow_datasets as tfds
 
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
+  with _only_errors_logged():
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+  if not prepared:
     try:
       # tfds retries an unreachable host for minutes; one quick request says the same.
       _check_reachable(type(builder).url_infos or {})
-      builder.download_and_prepare()
+      with _only_errors_logged():
+        builder.download_and_prepare()
     except ImportError as error:
       raise UsageError(f'Dataset {name} cannot be downloaded: tensorflow-datasets needs a '
                        f'missing package ({error}); pip install -r requirements.txt') from error
