@@ -14,7 +14,6 @@ import importlib.util
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,12 +28,11 @@ import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
+from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, free_port,
+                          run_on_fake_devices, subprocess_env)
 
 IMAGE = (16, 16, 3)
-NUM_DEVICES = 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
-SUBPROCESS_TIMEOUT_S = 240
 
 
 def _batch(size=16, seed=0):
@@ -64,13 +62,6 @@ def _built(num_blocks, mode):
 
 def _copy(tree):
   return jax.tree_util.tree_map(jnp.copy, tree)
-
-
-def _subprocess_env(**extra):
-  env = {name: value for name, value in os.environ.items()
-         if not name.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_'))}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
-  return env
 
 
 class SplitPointsTest(parameterized.TestCase):
@@ -155,7 +146,7 @@ class SingleProcessTest(parameterized.TestCase):
     # With no arguments and no cluster around, JAX must not be touched (fresh process).
     code = ('from bwbpf_jax import parallel; import jax; '
             'print(parallel.initialize_distributed(), jax.distributed.is_initialized())')
-    result = subprocess.run([sys.executable, '-c', code], env=_subprocess_env(), cwd=REPO,
+    result = subprocess.run([sys.executable, '-c', code], env=subprocess_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertEqual(result.stdout.strip().splitlines()[-1], '(0, 1) False')
@@ -163,27 +154,18 @@ class SingleProcessTest(parameterized.TestCase):
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     if jax.device_count() >= NUM_DEVICES:
       self.skipTest('MultiDeviceTest runs directly in this session')
-    flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
-    result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         f'{os.path.abspath(__file__)}::MultiDeviceTest'],
-        env=_subprocess_env(XLA_FLAGS=flags.strip()), cwd=REPO, capture_output=True,
-        text=True, timeout=SUBPROCESS_TIMEOUT_S)
-    report = result.stdout[-6000:] + result.stderr[-3000:]
-    self.assertEqual(result.returncode, 0, report)
-    num_tests = len([name for name in dir(MultiDeviceTest) if name.startswith('test_')])
-    self.assertIn(f'{num_tests} passed', result.stdout, report)
+    run_on_fake_devices(self, __file__, MultiDeviceTest)
 
   def test_two_processes_train_as_one_on_the_global_batch(self):
     spec = importlib.util.spec_from_file_location('parallel_worker', WORKER)
     parallel_worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parallel_worker)
     with tempfile.TemporaryDirectory() as out_dir:
-      port = _free_port()
+      port = free_port()
       workers = [subprocess.Popen(
           [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
            f'--process_id={i}', '--local_devices=2', f'--out_dir={out_dir}'],
-          env=_subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True) for i in range(2)]
       outputs = []
       try:
@@ -211,12 +193,6 @@ class SingleProcessTest(parameterized.TestCase):
       states, _ = train_step(states, batch)
     chex.assert_trees_all_close(trained, parallel_worker.params_leaves(states),
                                 rtol=1e-5, atol=1e-5)
-
-
-def _free_port() -> int:
-  with socket.socket() as probe:
-    probe.bind(('127.0.0.1', 0))
-    return probe.getsockname()[1]
 
 
 class MultiDeviceTest(parameterized.TestCase):

@@ -29,12 +29,11 @@ import pytest
 import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
+from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, free_port,
+                          run_on_fake_devices, subprocess_env)
 
 IMAGE = (16, 16, 3)
-NUM_DEVICES = 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
-SUBPROCESS_TIMEOUT_S = 300
 # Agreement of two programs' float32 trajectories over a few updates (see the docstring).
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -96,13 +95,6 @@ def _train(states, batches, *, num_stages, num_rows, poison_bubbles=False):
   return jax.device_get(pipeline.block_states(state))
 
 
-def _subprocess_env(**extra):
-  env = {name: value for name, value in os.environ.items()
-         if not name.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_'))}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
-  return env
-
-
 class OneDeviceTest(parameterized.TestCase):
 
   def test_one_stage_of_all_blocks_equals_synchronous_steps(self):
@@ -156,16 +148,7 @@ class OneDeviceTest(parameterized.TestCase):
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     if jax.device_count() >= NUM_DEVICES:
       self.skipTest('MultiDeviceTest runs directly in this session')
-    flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
-    result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         f'{os.path.abspath(__file__)}::MultiDeviceTest'],
-        env=_subprocess_env(XLA_FLAGS=flags.strip()), cwd=REPO, capture_output=True,
-        text=True, timeout=SUBPROCESS_TIMEOUT_S)
-    report = result.stdout[-6000:] + result.stderr[-3000:]
-    self.assertEqual(result.returncode, 0, report)
-    num_tests = len([name for name in dir(MultiDeviceTest) if name.startswith('test_')])
-    self.assertIn(f'{num_tests} passed', result.stdout, report)
+    run_on_fake_devices(self, __file__, MultiDeviceTest)
 
   @pytest.mark.slow
   def test_two_processes_of_4_devices_equal_one_process_of_8(self):
@@ -181,14 +164,13 @@ class OneDeviceTest(parameterized.TestCase):
 
 
 def _run_workers(out_dir, name, *, num_processes, local_devices):
-  from test_parallel import _free_port  # pylint: disable=g-import-not-at-top
-  port = _free_port()
+  port = free_port()
   workers = [subprocess.Popen(
       [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}',
        f'--num_processes={num_processes}', f'--process_id={i}',
        f'--local_devices={local_devices}', f'--out_dir={os.path.join(out_dir, name)}',
        '--engine=pipeline'],
-      env=_subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(num_processes)]
   os.makedirs(os.path.join(out_dir, name), exist_ok=True)
   outputs = []

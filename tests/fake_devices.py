@@ -1,0 +1,43 @@
+"""Multi-device tests on emulated CPU devices, in fresh processes that talk over loopback only.
+
+JAX fixes its device count when it starts, and the suite starts it with one CPU
+device (tests/conftest.py); a test class that needs 8 devices runs in a fresh
+pytest process with `--xla_force_host_platform_device_count=8`.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 8
+SUBPROCESS_TIMEOUT_S = 300
+
+
+def subprocess_env(**extra) -> dict:
+  """This environment without cluster variables JAX would detect, on CPU, the repo importable."""
+  env = {name: value for name, value in os.environ.items()
+         if not name.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_'))}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+  return env
+
+
+def free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    return probe.getsockname()[1]
+
+
+def run_on_fake_devices(testcase, test_file: str, test_class) -> None:
+  """Runs every test of `test_class` (from `test_file`) on 8 emulated devices; all must pass."""
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
+  result = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+       f'{os.path.abspath(test_file)}::{test_class.__name__}'],
+      env=subprocess_env(XLA_FLAGS=flags.strip()), cwd=REPO, capture_output=True,
+      text=True, timeout=SUBPROCESS_TIMEOUT_S)
+  report = result.stdout[-6000:] + result.stderr[-3000:]
+  testcase.assertEqual(result.returncode, 0, report)
+  num_tests = len([name for name in dir(test_class) if name.startswith('test_')])
+  testcase.assertIn(f'{num_tests} passed', result.stdout, report)
