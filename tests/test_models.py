@@ -44,6 +44,11 @@ class ParameterCountTest(parameterized.TestCase):
       ('resnet50', 'cifar', 10, 23_520_842),
       ('resnet101', 'cifar', 10, 42_512_970),
       ('resnet152', 'cifar', 10, 58_156_618),
+      # He et al.'s CIFAR ResNets with projection (option B) shortcuts: 0.27M/0.46M/0.85M/1.7M.
+      ('resnet20', 'cifar', 10, 272_474),
+      ('resnet32', 'cifar', 10, 466_906),
+      ('resnet56', 'cifar', 10, 855_770),
+      ('resnet110', 'cifar', 10, 1_730_714),
       # torchvision's ImageNet ResNets, 1000 classes.
       ('resnet18', 'imagenet', 1000, 11_689_512),
       ('resnet50', 'imagenet', 1000, 25_557_032),
@@ -67,10 +72,14 @@ class ShapeTest(parameterized.TestCase):
     for features, logits in shapes:
       self.assertEqual(logits, (2, 200))
       self.assertLen(features, 4)
-    # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5).
+    # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5; CIFAR ResNets,
+    # three stages: /2**2).
     final_hw = shapes[-1][0][1]
-    expected = {('cifar', 32): {True: 1, False: 4}, ('imagenet', 64): {True: 2, False: 2}}
-    self.assertEqual(final_hw, expected[stem_and_size][arch.startswith('vgg')])
+    family = ('vgg' if arch.startswith('vgg') else
+              'cifar_resnet' if arch in bw.models.cifar_resnet.UNITS_PER_STAGE else 'resnet')
+    expected = {('cifar', 32): {'vgg': 1, 'resnet': 4, 'cifar_resnet': 8},
+                ('imagenet', 64): {'vgg': 2, 'resnet': 2, 'cifar_resnet': 4}}
+    self.assertEqual(final_hw, expected[stem_and_size][family])
 
   def test_width_multiplier_scales_channels(self):
     shapes, count = _shapes_and_count('resnet18', 'cifar', 32, 10, width=0.25)

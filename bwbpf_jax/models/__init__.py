@@ -3,11 +3,13 @@
 import jax.numpy as jnp
 
 from bwbpf_jax.errors import UsageError
+from bwbpf_jax.models import cifar_resnet
 from bwbpf_jax.models import heads
 from bwbpf_jax.models import resnet
 from bwbpf_jax.models import vgg
 
-ARCHITECTURES = tuple(vgg.CONVS_PER_STAGE) + tuple(resnet.UNITS_PER_STAGE)
+ARCHITECTURES = (tuple(vgg.CONVS_PER_STAGE) + tuple(resnet.UNITS_PER_STAGE)
+                 + tuple(cifar_resnet.UNITS_PER_STAGE))
 HEADS = tuple(heads.HEADS)
 
 
@@ -16,9 +18,11 @@ def architecture_units(arch: str, *, width: float = 1.0, stem: str = 'cifar',
   """Returns (stem_module_or_None, units, stage_of_unit) of an architecture."""
   if arch in vgg.CONVS_PER_STAGE:
     return vgg.vgg_units(arch, width, dtype)
-  if arch in resnet.UNITS_PER_STAGE:
+  if arch in resnet.UNITS_PER_STAGE or arch in cifar_resnet.UNITS_PER_STAGE:
     if stem not in resnet.STEMS:
       raise UsageError(f'unknown stem {stem!r}; choose one of {", ".join(resnet.STEMS)}')
+    if arch in cifar_resnet.UNITS_PER_STAGE:
+      return cifar_resnet.cifar_resnet_units(arch, width, stem, dtype)
     return resnet.resnet_units(arch, width, stem, dtype)
   raise UsageError(f'unknown architecture {arch!r}; choose one of {", ".join(ARCHITECTURES)}')
 
