@@ -300,8 +300,8 @@ def make_block_parallel_train_step(model: PartitionedModel, tx: optax.GradientTr
           continue
         x = microbatches[m]['image'] if k == 0 else previous[k - 1]
         x = jax.device_put(x, block_devices[k])
-        labels = jax.device_put(microbatches[m]['label'], block_devices[k])
-        states[k], current[k], block_metrics = block_steps[k](states[k], x, labels)
+        targets = jax.device_put(step_lib.loss_targets(microbatches[m]), block_devices[k])
+        states[k], current[k], block_metrics = block_steps[k](states[k], x, targets)
         metrics[k].append(block_metrics)
       previous = current
     means = [jax.tree_util.tree_map(lambda *values: jnp.mean(jnp.stack(values)), *block)
@@ -382,14 +382,14 @@ def per_block_step_times(model: PartitionedModel, tx: optax.GradientTransformati
   """
   if repeats < 1:
     raise UsageError(f'repeats must be at least 1, got {repeats}')
-  x, labels, times = batch['image'], batch['label'], []
+  x, targets, times = batch['image'], step_lib.loss_targets(batch), []
   for block, state in zip(model.blocks, block_states):
     block_step = jax.jit(functools.partial(step_lib.block_train_step, block, tx))
-    _, next_x, _ = jax.block_until_ready(block_step(state, x, labels))  # Compiles.
+    _, next_x, _ = jax.block_until_ready(block_step(state, x, targets))  # Compiles.
     samples = []
     for _ in range(repeats):
       start = clock()
-      jax.block_until_ready(block_step(state, x, labels))
+      jax.block_until_ready(block_step(state, x, targets))
       samples.append(clock() - start)
     times.append(statistics.median(samples))
     x = next_x

@@ -79,13 +79,14 @@ class Interrupted(Exception):
     self.signum = signum
 
 
-def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict:
+def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
+             with_pixels: bool = False) -> dict:
   """Accuracy and mean loss of every head on the test set: {'accuracy': [K], 'loss': [K]}."""
   totals = None
   batches = data.eval_batches(dataset.test_images, dataset.test_labels,
                               batch_size=config.batch_size, mean=mean, std=std,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), with_pixels=with_pixels)
   states = engine.eval_states(states)
   for batch in data.prefetch(batches, put=engine.put_batch):
     sums = engine.eval_step(states, batch)
@@ -168,7 +169,9 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
       config.arch, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
       split_points=config.split_points, mode=config.mode, aux_head=config.aux_head,
       width=config.width, stem=config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar'),
-      dtype=jnp.dtype(config.dtype))
+      dtype=jnp.dtype(config.dtype), local_loss=config.local_loss,
+      loss_weights=config.loss_weights)
+  aux_flops = bw.aux_flop_fractions(model, image_shape)
   steps_per_epoch = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
   if steps_per_epoch == 0:
     raise bw.UsageError(f'--batch_size={config.batch_size} is larger than the '
@@ -180,6 +183,7 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
   tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr,
                          total_steps=schedule_steps * updates_per_batch,
                          momentum=config.momentum, weight_decay=config.weight_decay,
+                         nesterov=config.nesterov,
                          warmup_steps=config.warmup_epochs * steps_per_epoch * updates_per_batch)
 
   engine = make_engine(config, model, tx)  # Checks the device setup before anything is saved.
@@ -198,6 +202,9 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
         f'{list(bw.partition.block_unit_counts(model))} units, mode {config.mode}, '
         f'{bw.backbone_param_count(model, states):,} backbone parameters, '
         f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
+    log(f'auxiliary heads {config.aux_head} with loss {config.local_loss}: '
+        f'{100 * aux_flops["total"]:.2f}% of the backbone\'s FLOPs (per head: '
+        f'{writers.format_blocks(100 * np.asarray(aux_flops["per_head"]), "{:.2f}")}%)')
     if start_step is None:
       log(f'starting at step 0 of {last_step}; checkpoints in {manager.directory}')
     else:
@@ -207,7 +214,8 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
       _truncate_metrics(workdir, start_step or 0)
     states = engine.put_states(states)
     run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
-               last_step, checkpoint_every, log, is_chief)
+               last_step, checkpoint_every, log, is_chief,
+               with_pixels=bw.step.needs_pixels(model))
     states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
     host_states = jax.device_get(states)
     run.check_finite_params(host_states, loop.step)
@@ -220,6 +228,8 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
         'block_train_loss': train_metrics['loss'],
         'split_points': list(model.split_points),
         'backbone_params': bw.backbone_param_count(model, host_states),
+        'aux_flop_fraction': aux_flops['total'],
+        'aux_flop_fraction_per_head': aux_flops['per_head'],
         'params_digest': checkpoint.params_digest(host_states),
         'skipped_updates': loop.skipped_updates,
         'steps': loop.step,
@@ -250,8 +260,10 @@ class _Run:
   """The loop of one process over its remaining steps; owns the writers and the signals."""
 
   def __init__(self, config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
-               last_step, checkpoint_every, log, is_chief):
+               last_step, checkpoint_every, log, is_chief, with_pixels=False):
     self.config, self.workdir, self.engine, self.manager = config, workdir, engine, manager
+    # Batches carry the unnormalised images when a block reconstructs them.
+    self.with_pixels = with_pixels
     self.dataset, self.mean, self.std = dataset, mean, std
     self.steps_per_epoch, self.last_step = steps_per_epoch, last_step
     self.checkpoint_every, self.log, self.is_chief = checkpoint_every, log, is_chief
@@ -341,7 +353,7 @@ class _Run:
         self.dataset.train_images, self.dataset.train_labels, batch_size=config.batch_size,
         seed=config.seed, epoch=epoch, mean=self.mean, std=self.std, augment=config.augment,
         start_step=epoch_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), with_pixels=self.with_pixels)
     pending, segment_start, segment_images = None, None, 0
     with data.prefetch(batches, put=self.engine.put_batch) as stream:
       for batch in stream:
@@ -383,7 +395,7 @@ class _Run:
     if step >= self.last_step or (
         end_of_epoch and (step // steps_per_epoch) % self.config.eval_every == 0):
       test_metrics = evaluate(self.engine, states, self.dataset, self.config, self.mean,
-                              self.std)
+                              self.std, with_pixels=self.with_pixels)
       writer.write({'split': 'test', 'step': step, 'epoch': step / steps_per_epoch,
                     **test_metrics})
       line += f'  test acc {writers.format_blocks(test_metrics["accuracy"])}'

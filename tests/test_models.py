@@ -25,8 +25,8 @@ def _shapes_and_count(arch, stem, image_size, num_classes, width=1.0, num_blocks
   shapes = []
   for block, state in zip(model.blocks, states):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    x, logits = jax.eval_shape(lambda v, x, b=block: b.apply(v, x, train=False), variables, x)
-    shapes.append((x.shape, logits.shape))
+    x, outputs = jax.eval_shape(lambda v, x, b=block: b.apply(v, x, train=False), variables, x)
+    shapes.append((x.shape, outputs['logits'].shape))
   return shapes, bw.backbone_param_count(model, states)
 
 

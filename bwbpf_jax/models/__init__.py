@@ -27,7 +27,22 @@ def architecture_units(arch: str, *, width: float = 1.0, stem: str = 'cifar',
   raise UsageError(f'unknown architecture {arch!r}; choose one of {", ".join(ARCHITECTURES)}')
 
 
-def make_head(name: str, num_classes: int, dtype=jnp.float32):
+def make_head(name: str, num_classes: int, dtype=jnp.float32, *, following_units=(),
+              aux_index: int = 0, num_aux: int = 1):
+  """One head; `auglocal` also needs the units after its block and its place among the aux heads.
+
+  Args:
+    name: one of `HEADS`.
+    num_classes: the head's outputs (classes, or an embedding's size).
+    dtype: computation dtype.
+    following_units: the backbone's units after this block (copied, never shared, by `auglocal`).
+    aux_index, num_aux: this block's index among the K-1 auxiliary blocks, and K-1
+      (`auglocal`'s depth falls linearly with it).
+  """
   if name not in heads.HEADS:
     raise UsageError(f'unknown auxiliary head {name!r}; choose one of {", ".join(HEADS)}')
+  if name == 'auglocal':
+    depth = heads.auglocal_depth(aux_index, num_aux)
+    return heads.AugLocalHead(num_classes, units=heads.auglocal_units(following_units, depth),
+                              dtype=dtype)
   return heads.HEADS[name](num_classes, dtype=dtype)
