@@ -123,7 +123,8 @@ def _infopro_presets() -> dict:
   for (arch, num_blocks), (block_ends, weights) in _INFOPRO_RUNS.items():
     units_per_stage = {'resnet32': 5, 'resnet110': 18}[arch]
     presets[f'infopro_cifar10_{arch}_k{num_blocks}'] = dict(
-        dataset='cifar10', arch=arch, split_points=infopro_split_points(block_ends, units_per_stage),
+        dataset='cifar10', arch=arch, num_blocks=num_blocks,
+        split_points=infopro_split_points(block_ends, units_per_stage),
         mode='bwbpf', aux_head='infopro', local_loss='supcon_recon', loss_weights=weights,
         width=1.0, epochs=160, batch_size=1024, optimizer='sgd', lr=0.8, momentum=0.9,
         nesterov=True, weight_decay=1e-4, warmup_epochs=10)
