@@ -29,7 +29,7 @@ from bwbpf_jax.errors import UsageError
 MODES = ('bwbpf', 'deep_supervision', 'bp')
 
 # Local losses of the auxiliary blocks (the output block always uses cross-entropy);
-# `step.local_loss` computes them from a block's `LossSpec`.
+# `step.example_losses` computes them from a block's `LossSpec`.
 # xent: cross-entropy of the head's logits.
 # xent_recon: InfoPro (Wang et al., 2021): cross-entropy plus a decoder's binary
 #   cross-entropy reconstruction of the unnormalised image, weighted by block depth.

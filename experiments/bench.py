@@ -11,6 +11,10 @@ step, every block's state plus the largest single block call's other buffers).
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
 
+`--aux_head` and `--local_loss` measure the step with another auxiliary network
+or loss (JAX only), so heads compare at equal compute: aux_flop_fraction is the
+heads' share of the backbone's FLOPs (`bwbpf_jax.aux_flop_fractions`).
+
 Model FLOP utilisation: model_flops_per_image is 3x the forward pass of the
 backbone and every head (XLA's cost analysis of eval_step, the inference forward; the
 backward costs about twice the forward), the same count for every mode, so
@@ -46,6 +50,8 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('num_classes', 10, 'Classes.')
 flags.DEFINE_integer('num_blocks', 4, 'K.')
+flags.DEFINE_string('aux_head', 'linear', 'Auxiliary head (JAX only; the PyTorch peer has linear).')
+flags.DEFINE_string('local_loss', 'xent', 'Local loss of the auxiliary blocks (JAX only).')
 flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure.')
 flags.DEFINE_enum('train_step', 'auto', ('auto', 'fused', 'blockwise'),
                   'bwbpf step variant; auto: blockwise for bwbpf (as experiments.main).')
@@ -125,23 +131,27 @@ def measure_jax(mode: str) -> dict:
   from bwbpf_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
-                         mode=mode, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype))
+                         mode=mode, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype),
+                         aux_head=FLAGS.aux_head, local_loss=FLAGS.local_loss)
   tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
   states = bw.init_block_states(model, tx, jax.random.key(0), shape)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=shape), jnp.float32),
            'label': jnp.asarray(rng.integers(0, FLAGS.num_classes, FLAGS.batch_size), jnp.int32)}
+  if step_lib.needs_pixels(model):
+    batch['pixels'] = jnp.asarray(rng.integers(0, 256, size=shape), jnp.uint8)
+  targets = step_lib.loss_targets(batch)
   blockwise = mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
   if blockwise:
     step = bw.make_blockwise_train_step(model, tx)
     memory, x = 0, batch['image']
     for block, state in zip(model.blocks, states):
       compiled = jax.jit(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
-                         donate_argnums=(0,)).lower(state, x, batch['label']).compile()
+                         donate_argnums=(0,)).lower(state, x, targets).compile()
       memory = max(memory, _memory_bytes(compiled) - _tree_bytes(state))
       x = jax.eval_shape(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
-                         state, x, batch['label'])[1]
+                         state, x, targets)[1]
     memory += _tree_bytes(states)
   else:
     step = bw.make_train_step(model, tx)
@@ -166,6 +176,7 @@ def measure_jax(mode: str) -> dict:
           'mfu': (images_per_sec * model_flops_per_image / (peak * 1e12)) if peak else None,
           'cpu_seconds_per_step': (_cpu_seconds() - cpu_start) / FLAGS.steps,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
+          'aux_flop_fraction': bw.aux_flop_fractions(model, shape[1:])['total'],
           'device': device_kind,
           'convolutions': ('onednn' if FLAGS.dtype == 'float32'
                            and layers.onednn_runs_convolutions() else 'xla')}
@@ -173,6 +184,8 @@ def measure_jax(mode: str) -> dict:
 
 def _worker(mode: str):
   if FLAGS.framework == 'torch':
+    if FLAGS.aux_head != 'linear' or FLAGS.local_loss != 'xent':
+      raise SystemExit('error: the PyTorch peer has linear heads and cross-entropy only')
     from experiments import torch_peer  # pylint: disable=g-import-not-at-top
     result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
                                 batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
@@ -180,7 +193,8 @@ def _worker(mode: str):
                                 steps=FLAGS.steps)
   else:
     result = measure_jax(mode)
-  result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
+  result.update(mode=mode, arch=FLAGS.arch, aux_head=FLAGS.aux_head,
+                local_loss=FLAGS.local_loss, width=FLAGS.width, batch_size=FLAGS.batch_size,
                 image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
                 steps=FLAGS.steps, load_avg_1m=os.getloadavg()[0],
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -193,7 +207,8 @@ def _run_worker(mode: str, framework: str) -> int:
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()
               if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
-                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops')
+                          'num_blocks', 'aux_head', 'local_loss', 'train_step', 'dtype',
+                          'steps', 'peak_tflops')
               and value is not None]
   proc = subprocess.run(argv, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
