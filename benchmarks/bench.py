@@ -4,8 +4,8 @@ r"""Speed and memory of the train step, one fresh process per mode.
         --modes=bp,deep_supervision,bwbpf --steps=5
 
 prints one JSON line per mode: images_per_sec (median over --steps timed steps
-after compilation, timed by `benchmarks.harness`), peak_rss_bytes (the worker process's peak resident memory,
-runtime included) and step_memory_bytes (XLA's own account of what the step
+after compilation, timed by `benchmarks.harness`), peak_rss_bytes (the worker
+process's peak resident memory, runtime included) and step_memory_bytes (XLA's own account of what the step
 needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
 Where the peak goes: baseline_rss_bytes is the worker's resident memory before
@@ -14,6 +14,10 @@ block's parameters, BatchNorm statistics and optimizer state; the rest of the
 peak is the step's buffers, compiled code and the allocator's slack.
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
+
+`--aux_head` and `--local_loss` measure the step with another auxiliary network
+or loss (JAX only), so heads compare at equal compute: aux_flop_fraction is the
+heads' share of the backbone's FLOPs (`bwbpf_jax.aux_flop_fractions`).
 
 Model FLOP utilisation: model_flops_per_image is 3x the forward pass of the
 backbone and every head (the backward costs about twice the forward), the same
@@ -55,6 +59,8 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('num_classes', 10, 'Classes.')
 flags.DEFINE_integer('num_blocks', 4, 'K.')
+flags.DEFINE_string('aux_head', 'linear', 'Auxiliary head (JAX only; the PyTorch peer has linear).')
+flags.DEFINE_string('local_loss', 'xent', 'Local loss of the auxiliary blocks (JAX only).')
 flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure; '
                   'a _remat suffix (bp_remat) adds gradient checkpointing of every unit.')
 flags.DEFINE_enum('train_step', 'auto', ('auto', 'fused', 'blockwise'),
@@ -156,13 +162,17 @@ def measure_jax(mode: str) -> dict:
   baseline_rss = harness.current_rss_bytes()
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
                          mode=mode.removesuffix(REMAT_SUFFIX), width=FLAGS.width,
-                         dtype=jnp.dtype(FLAGS.dtype), remat=remat)
+                         dtype=jnp.dtype(FLAGS.dtype), remat=remat, aux_head=FLAGS.aux_head,
+                         local_loss=FLAGS.local_loss)
   tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
   states = bw.init_block_states(model, tx, jax.random.key(0), shape)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=shape), jnp.float32),
            'label': jnp.asarray(rng.integers(0, FLAGS.num_classes, FLAGS.batch_size), jnp.int32)}
+  if step_lib.needs_pixels(model):
+    batch['pixels'] = jnp.asarray(rng.integers(0, 256, size=shape), jnp.uint8)
+  targets = step_lib.loss_targets(batch)
   blockwise = model.mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
   if blockwise:
     step = bw.make_blockwise_train_step(model, tx)
@@ -170,10 +180,10 @@ def measure_jax(mode: str) -> dict:
     for block, state in zip(model.blocks, states):
       compiled = jax.jit(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
                          donate_argnums=(0,), **step_lib.jit_options(model)).lower(
-                             state, x, batch['label']).compile()
+                             state, x, targets).compile()
       memory = max(memory, _memory_bytes(compiled) - _tree_bytes(state))
       x = jax.eval_shape(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
-                         state, x, batch['label'])[1]
+                         state, x, targets)[1]
     memory += _tree_bytes(states)
   else:
     step = bw.make_train_step(model, tx)
@@ -193,6 +203,7 @@ def measure_jax(mode: str) -> dict:
           'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
           'baseline_rss_bytes': baseline_rss, 'state_bytes': state_bytes,
+          'aux_flop_fraction': bw.aux_flop_fractions(model, shape[1:])['total'],
           'device': device_kind,
           'convolutions': ('onednn' if FLAGS.dtype == 'float32'
                            and layers.onednn_runs_convolutions() else 'xla')}
@@ -200,6 +211,8 @@ def measure_jax(mode: str) -> dict:
 
 def _worker(mode: str):
   if FLAGS.framework == 'torch':
+    if FLAGS.aux_head != 'linear' or FLAGS.local_loss != 'xent':
+      raise SystemExit('error: the PyTorch peer has linear heads and cross-entropy only')
     from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
     result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
                                 batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
@@ -211,7 +224,8 @@ def _worker(mode: str):
                                     if value is not None})
   else:
     result = measure_jax(mode)
-  result.update(mode=mode, arch=FLAGS.arch, width=FLAGS.width, batch_size=FLAGS.batch_size,
+  result.update(mode=mode, arch=FLAGS.arch, aux_head=FLAGS.aux_head,
+                local_loss=FLAGS.local_loss, width=FLAGS.width, batch_size=FLAGS.batch_size,
                 image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
                 steps=FLAGS.steps, **harness.process_fields())
   print(json.dumps(result), flush=True)
@@ -223,8 +237,8 @@ def _run_worker(mode: str, framework: str) -> int:
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()
               if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
-                          'num_blocks', 'train_step', 'dtype', 'steps', 'peak_tflops',
-                          'torch_bwbpf_step', 'torch_channels_last')
+                          'num_blocks', 'aux_head', 'local_loss', 'train_step', 'dtype',
+                          'steps', 'peak_tflops', 'torch_bwbpf_step', 'torch_channels_last')
               and value is not None]
   proc = subprocess.run(argv, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

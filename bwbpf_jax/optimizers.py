@@ -23,18 +23,20 @@ def learning_rate_schedule(learning_rate: float, *, total_steps: int,
 
 def make_optimizer(name: str = 'sgd', *, learning_rate: float = 0.1, total_steps: int,
                    momentum: float = 0.9, weight_decay: float = 5e-4,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
+                   warmup_steps: int = 0, nesterov: bool = False) -> optax.GradientTransformation:
   """The paper's recipe by default: SGD, momentum 0.9, weight decay 5e-4, cosine decay.
 
   SGD's weight decay is added to the gradient before momentum, as PyTorch's
   `SGD(weight_decay=...)` does (coupled L2), so hyper-parameters carry over from
-  the reference code. AdamW decouples it, as its name says.
+  the reference code. AdamW decouples it, as its name says. `nesterov` is
+  PyTorch's `SGD(nesterov=True)`, part of InfoPro's recipe (optax's Nesterov
+  step is PyTorch's: g + momentum * new velocity).
   """
   schedule = learning_rate_schedule(learning_rate, total_steps=total_steps,
                                     warmup_steps=warmup_steps)
   if name == 'sgd':
     return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(schedule, momentum=momentum or None))
+                       optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
   if name == 'adamw':
     return optax.adamw(schedule, weight_decay=weight_decay)
   raise UsageError(f'unknown optimizer {name!r}; choose one of {", ".join(OPTIMIZERS)}')

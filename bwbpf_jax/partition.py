@@ -11,7 +11,7 @@ units and the step are the same in all three.
 """
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from flax import linen as nn
 import jax
@@ -35,12 +35,36 @@ MODES = ('bwbpf', 'deep_supervision', 'bp')
 # with the layers inside a unit. The update is unchanged.
 REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
+# Local losses of the auxiliary blocks (the output block always uses cross-entropy);
+# `step.example_losses` computes them from a block's `LossSpec`.
+# xent: cross-entropy of the head's logits.
+# xent_recon: InfoPro (Wang et al., 2021): cross-entropy plus a decoder's binary
+#   cross-entropy reconstruction of the unnormalised image, weighted by block depth.
+# supcon: supervised contrastive loss (temperature 0.07) on the head's embedding.
+# supcon_recon: InfoPro's contrastive variant, the one of its Table 2.
+LOSSES = ('xent', 'xent_recon', 'supcon', 'supcon_recon')
+# InfoPro's weights (lambda_1 first, lambda_2 first, lambda_1 last, lambda_2 last):
+# reconstruction and task weights of the first and of the last auxiliary block,
+# linear in between. Default: reconstruction falling from 1 to 0, task weight 1.
+DEFAULT_LOSS_WEIGHTS = (1.0, 1.0, 0.0, 1.0)
+EMBEDDING_SIZE = 128  # InfoPro's contrastive feature dimension.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """One block's local loss: task_weight * (cross-entropy or contrastive) + reconstruction_weight * BCE."""
+  kind: str = 'xent'  # 'xent' or 'supcon'.
+  task_weight: float = 1.0
+  reconstruction_weight: float = 0.0
+  temperature: float = 0.07
+
 
 class Block(nn.Module):
   """A contiguous run of units and the head that reads its output.
 
-  Returns `(features, logits)`: `features` [B, H, W, C] feed the next block and
-  `logits` [B, num_classes] give this block's local loss.
+  Returns `(features, outputs)`: `features` [B, H, W, C] feed the next block and
+  `outputs` is what `loss` reads: {'logits': [B, num_classes]}, plus
+  'embedding' and 'reconstruction' where the head is a `heads.Objective`.
   """
   units: Sequence[nn.Module]
   head: nn.Module
@@ -48,9 +72,10 @@ class Block(nn.Module):
   detach_input: bool = True
   detach_head_input: bool = False
   remat: bool = False  # Every unit (and the stem) under jax.checkpoint with REMAT_POLICY.
+  loss: LossSpec = LossSpec()
 
-  @nn.compact
-  def __call__(self, x, train: bool):
+  def features(self, x, train: bool):
+    """The block's backbone part: its (detached) input through the stem and units."""
     if self.detach_input:
       # The block boundary: no gradient from this block's loss leaves the block.
       x = jax.lax.stop_gradient(x)
@@ -64,8 +89,15 @@ class Block(nn.Module):
                      policy=REMAT_POLICY)(self, x)
       else:
         x = layer(self)(x, train=train)
+    return x
+
+  def __call__(self, x, train: bool, image_shape=None):
+    """`image_shape`: the input image's static (H, W, C), what a decoder reconstructs."""
+    x = self.features(x, train)
     head_input = jax.lax.stop_gradient(x) if self.detach_head_input else x
-    return x, self.head(head_input, train=train)
+    if isinstance(self.head, models.heads.Objective):
+      return x, self.head(head_input, train=train, image_shape=image_shape)
+    return x, {'logits': self.head(head_input, train=train)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +187,10 @@ def validate_split_points(split_points: Sequence[int], num_units: int) -> tuple:
 
 def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
                 split_points: Optional[Sequence[int]] = None, mode: str = 'bwbpf',
-                aux_head: str = 'linear', width: float = 1.0, stem: str = 'cifar',
-                dtype: Any = jnp.float32, remat: bool = False) -> PartitionedModel:
+                aux_head: Union[str, Sequence[str]] = 'linear', width: float = 1.0,
+                stem: str = 'cifar', dtype: Any = jnp.float32, local_loss: str = 'xent',
+                loss_weights: Optional[Sequence[float]] = None,
+                remat: bool = False) -> PartitionedModel:
   """Builds `arch` cut into blocks for training `mode`.
 
   Args:
@@ -165,11 +199,17 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
     num_blocks: K; ignored when `split_points` is given. K=1 is plain backprop.
     split_points: unit indices where blocks 1..K-1 start, overriding the default.
     mode: one of `MODES`.
-    aux_head: head of blocks 0..K-2 ('linear' or 'mlp'); block K-1's head is
-      always the standard linear classifier.
+    aux_head: head of blocks 0..K-2 (one of `models.HEADS`), or a list of K-1
+      names, one per auxiliary block; block K-1's head is always the standard
+      linear classifier.
     width: channel multiplier (0.25 for quick CPU runs).
     stem: 'cifar' (3x3, stride 1) or 'imagenet' (7x7 stride 2 + max-pool), ResNets only.
     dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16 on accelerators.
+    local_loss: loss of blocks 0..K-2, one of `LOSSES`.
+    loss_weights: InfoPro's (reconstruction, task) weights of the first and the
+      last auxiliary block, `(recon_first, task_first, recon_last, task_last)`,
+      linear in between; used by the *_recon losses (default
+      `DEFAULT_LOSS_WEIGHTS`).
     remat: gradient checkpointing: every unit under `jax.checkpoint` (`REMAT_POLICY`),
       trading a second forward pass for activation memory. Any mode; same update.
   """
@@ -182,17 +222,71 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
   split_points = validate_split_points(split_points, len(units))
   bounds = (0,) + split_points + (len(units),)
   num_blocks = len(bounds) - 1
+  aux_heads = _aux_head_names(aux_head, num_blocks - 1)
+  loss_specs = aux_loss_specs(local_loss, num_blocks - 1, loss_weights)
   blocks = []
   for k in range(num_blocks):
     is_output = k == num_blocks - 1
     blocks.append(Block(
         units=units[bounds[k]:bounds[k + 1]],
-        head=models.make_head('linear' if is_output else aux_head, num_classes, dtype),
+        head=(models.make_head('linear', num_classes, dtype) if is_output else
+              _aux_head(aux_heads[k], local_loss, num_classes, dtype,
+                        following_units=units[bounds[k + 1]:], aux_index=k,
+                        num_aux=num_blocks - 1)),
         stem=stem_module if k == 0 else None,
         detach_input=(mode == 'bwbpf'),
-        detach_head_input=(mode == 'bp' and not is_output), remat=remat))
+        detach_head_input=(mode == 'bp' and not is_output), remat=remat,
+        loss=LossSpec() if is_output else loss_specs[k]))
   return PartitionedModel(arch=arch, blocks=tuple(blocks), split_points=split_points,
                           mode=mode, num_classes=num_classes, remat=remat)
+
+
+def _aux_head_names(aux_head, num_aux: int) -> tuple:
+  if isinstance(aux_head, str):
+    return (aux_head,) * num_aux
+  names = tuple(aux_head)
+  if len(names) != num_aux:
+    raise UsageError(f'{len(names)} auxiliary heads given for {num_aux} auxiliary blocks; '
+                     f'give one name, or one per block but the last')
+  return names
+
+
+def _aux_head(name, local_loss, num_classes, dtype, **placement):
+  """The head of an auxiliary block, wrapped in an `Objective` where the loss needs more than logits."""
+  contrastive = local_loss.startswith('supcon')
+  network = models.make_head(name, EMBEDDING_SIZE if contrastive else num_classes, dtype,
+                             **placement)
+  if local_loss == 'xent':
+    return network
+  decoder = models.heads.Decoder(dtype=dtype) if local_loss.endswith('_recon') else None
+  return models.heads.Objective(network, num_classes, contrastive=contrastive, decoder=decoder,
+                                dtype=dtype)
+
+
+def aux_loss_specs(local_loss: str, num_aux: int,
+                   loss_weights: Optional[Sequence[float]] = None) -> tuple:
+  """The `LossSpec` of each auxiliary block: InfoPro's weights, linear in the block's index.
+
+  Block k of the K-1 auxiliary blocks gets ratio r = k / (K-2) (0 when K = 2):
+  reconstruction weight (1-r) recon_first + r recon_last, task weight likewise.
+  """
+  if local_loss not in LOSSES:
+    raise UsageError(f'unknown local loss {local_loss!r}; choose one of {", ".join(LOSSES)}')
+  kind = 'supcon' if local_loss.startswith('supcon') else 'xent'
+  if not local_loss.endswith('_recon'):
+    return (LossSpec(kind=kind),) * num_aux
+  weights = tuple(float(w) for w in (loss_weights or DEFAULT_LOSS_WEIGHTS))
+  if len(weights) != 4 or min(weights) < 0:
+    raise UsageError(f'loss weights must be 4 non-negative numbers (reconstruction and task '
+                     f'weight of the first and the last auxiliary block), got {list(weights)}')
+  recon_first, task_first, recon_last, task_last = weights
+  specs = []
+  for k in range(num_aux):
+    ratio = k / (num_aux - 1) if num_aux > 1 else 0.0
+    specs.append(LossSpec(kind=kind,
+                          task_weight=task_first * (1 - ratio) + task_last * ratio,
+                          reconstruction_weight=recon_first * (1 - ratio) + recon_last * ratio))
+  return tuple(specs)
 
 
 def block_unit_counts(model: PartitionedModel) -> tuple:

@@ -19,8 +19,8 @@ class BlockState:
   opt_state: Any
 
 
-def _init_block(block, tx, key, x):
-  variables = block.init(key, x, train=False)
+def _init_block(block, tx, key, x, image_shape):
+  variables = block.init(key, x, train=False, image_shape=image_shape)
   params = variables['params']
   return BlockState(params=params, batch_stats=variables.get('batch_stats', {}),
                     opt_state=tx.init(params))
@@ -28,7 +28,7 @@ def _init_block(block, tx, key, x):
 
 def _block_output(block, state, x):
   return block.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                     train=False)[0]
+                     train=False, method='features')
 
 
 def _compile_options():
@@ -51,9 +51,11 @@ def init_block_states(model: PartitionedModel, tx: optax.GradientTransformation,
     A tuple of K `BlockState`s.
   """
   x = jnp.zeros(_batch_shape(input_shape), jnp.float32)
+  image_shape = x.shape[1:]
   states = []
   for block, key in zip(model.blocks, jax.random.split(rng, model.num_blocks)):
-    init = jax.jit(functools.partial(_init_block, block, tx)).lower(key, x)
+    init = jax.jit(functools.partial(_init_block, block, tx,
+                                     image_shape=image_shape)).lower(key, x)
     states.append(init.compile(_compile_options())(key, x))
     x = jax.eval_shape(functools.partial(_block_output, block), states[-1], x)
     x = jnp.zeros(x.shape, x.dtype)
@@ -67,10 +69,12 @@ def abstract_block_states(model: PartitionedModel, tx: optax.GradientTransformat
   Used to count parameters and as the target a checkpoint is restored into.
   """
   x = jax.ShapeDtypeStruct(_batch_shape(input_shape), jnp.float32)
+  image_shape = x.shape[1:]
   key = jax.eval_shape(lambda: jax.random.key(0))
   states = []
   for block in model.blocks:
-    states.append(jax.eval_shape(functools.partial(_init_block, block, tx), key, x))
+    states.append(jax.eval_shape(functools.partial(_init_block, block, tx,
+                                                   image_shape=image_shape), key, x))
     x = jax.eval_shape(functools.partial(_block_output, block), states[-1], x)
   return tuple(states)
 

@@ -25,31 +25,129 @@ from bwbpf_jax.errors import UsageError
 from bwbpf_jax.partition import PartitionedModel
 from bwbpf_jax.state import BlockState
 
-Batch = dict  # {'image': float [B, H, W, C], 'label': int [B], optional 'mask': float [B]}
+# {'image': float [B, H, W, C], 'label': int [B], optional 'mask': float [B], optional
+#  'pixels': uint8 [B, H, W, C], the same images before normalisation (reconstruction target)}.
+Batch = dict
 
 
-def local_loss(block, params, batch_stats, x, labels):
-  """Cross-entropy of one block's head on input `x`; returns (loss, (features, logits, stats))."""
-  (features, logits), updated = block.apply(
-      {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats'])
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss, (features, logits, updated['batch_stats'])
+def needs_pixels(model: PartitionedModel) -> bool:
+  """Whether some block reconstructs the image, so batches must carry 'pixels'."""
+  return any(getattr(block.head, 'decoder', None) is not None for block in model.blocks)
 
 
-def network_loss(model: PartitionedModel, params, batch_stats, images, labels):
+def loss_targets(batch: Batch) -> dict:
+  """What the local losses read from a batch: 'label', and 'pixels' / 'mask' where present."""
+  return {name: batch[name] for name in ('label', 'pixels', 'mask') if name in batch}
+
+
+def reconstruction_target(pixels):
+  """The unnormalised image in [0, 1], float32 [B, H, W, C], that InfoPro's decoder reconstructs."""
+  return pixels.astype(jnp.float32) / 255.0
+
+
+def supervised_contrastive_loss(embedding, labels, temperature: float = 0.07, mask=None):
+  """Per-anchor supervised contrastive loss (Khosla et al., 2020), one view, as InfoPro uses it.
+
+  With z = embedding / ||embedding|| and s_ij = z_i . z_j / temperature, anchor i's loss is
+  -mean over positives p (j != i, same label) of [s_ip - log sum_{j != i} exp(s_ij)],
+  0 for an anchor without positives. Examples with mask 0 are neither anchors' partners
+  nor counted (their own loss is 0).
+
+  Args:
+    embedding: float [B, D].
+    labels: int [B].
+    temperature: the softmax temperature (InfoPro: 0.07, equal to its base temperature,
+      so the loss is not rescaled).
+    mask: optional float [B] of 1 (real) and 0 (padding).
+
+  Returns:
+    float32 [B].
+  """
+  z = embedding.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  similarity = z @ z.T / temperature
+  valid = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  partners = valid[:, None] * valid[None, :] * (1.0 - jnp.eye(labels.shape[0]))
+  positives = partners * (labels[:, None] == labels[None, :])
+  similarity = similarity - jax.lax.stop_gradient(jnp.max(similarity, axis=1, keepdims=True))
+  log_denominator = jnp.log(jnp.sum(partners * jnp.exp(similarity), axis=1, keepdims=True)
+                            + jnp.finfo(jnp.float32).tiny)
+  log_prob = similarity - log_denominator
+  num_positives = jnp.sum(positives, axis=1)
+  mean_log_prob = jnp.sum(positives * log_prob, axis=1) / jnp.maximum(num_positives, 1.0)
+  return -mean_log_prob * valid
+
+
+def example_losses(block, outputs: dict, targets: dict):
+  """Each example's local loss [B] for `block`, from its head's outputs; the one place losses live.
+
+  task_weight * (cross-entropy of 'logits', or the contrastive loss of 'embedding' plus
+  the linear probe's cross-entropy, whose input is detached) +
+  reconstruction_weight * binary cross-entropy of 'reconstruction' against the
+  unnormalised image, averaged over its pixels.
+  """
+  spec, labels = block.loss, targets['label']
+  xent = optax.softmax_cross_entropy_with_integer_labels(outputs['logits'], labels)
+  if spec.kind == 'supcon':
+    loss = spec.task_weight * supervised_contrastive_loss(
+        outputs['embedding'], labels, spec.temperature, targets.get('mask')) + xent
+  else:
+    loss = spec.task_weight * xent
+  if 'reconstruction' in outputs:
+    bce = optax.sigmoid_binary_cross_entropy(outputs['reconstruction'],
+                                             reconstruction_target(targets['pixels']))
+    loss = loss + spec.reconstruction_weight * jnp.mean(bce, axis=(1, 2, 3))
+  return loss
+
+
+def _as_targets(targets) -> dict:
+  return targets if isinstance(targets, dict) else {'label': targets}
+
+
+def _apply_block(block, variables, x, targets, train: bool):
+  if 'pixels' not in targets and getattr(block.head, 'decoder', None) is not None:
+    raise UsageError('this model reconstructs its input: batches need the unnormalised '
+                     "images under 'pixels' (data pipelines add them with with_pixels=True)")
+  image_shape = tuple(targets['pixels'].shape[1:]) if 'pixels' in targets else None
+  if train:
+    return block.apply(variables, x, train=True, image_shape=image_shape,
+                       mutable=['batch_stats'])
+  return block.apply(variables, x, train=False, image_shape=image_shape)
+
+
+def local_loss(block, params, batch_stats, x, targets):
+  """One block's local loss on input `x`, mean over the batch.
+
+  Args:
+    block: a `partition.Block`; its `loss` says which loss.
+    params, batch_stats: the block's variables.
+    x: the block's input [B, H, W, C].
+    targets: int labels [B], or a dict {'label', optional 'pixels', optional 'mask'}.
+
+  Returns:
+    (loss, (features, head outputs, new batch stats)).
+  """
+  targets = _as_targets(targets)
+  (features, outputs), updated = _apply_block(
+      block, {'params': params, 'batch_stats': batch_stats}, x, targets, train=True)
+  loss = jnp.mean(example_losses(block, outputs, targets))
+  return loss, (features, outputs, updated['batch_stats'])
+
+
+def network_loss(model: PartitionedModel, params, batch_stats, images, targets):
   """Sum over blocks of the heads' losses; the mode's stop_gradients decide who learns what.
 
   Returns:
-    (total loss, (per-block losses [K], per-block logits, per-block new batch stats)).
+    (total loss, (per-block losses [K], per-block head outputs, per-block new batch stats)).
   """
-  x, losses, all_logits, new_stats = images, [], [], []
+  x, losses, all_outputs, new_stats = images, [], [], []
   for block, block_params, block_stats in zip(model.blocks, params, batch_stats):
-    loss, (x, logits, stats) = local_loss(block, block_params, block_stats, x, labels)
+    loss, (x, outputs, stats) = local_loss(block, block_params, block_stats, x, targets)
     losses.append(loss)
-    all_logits.append(logits)
+    all_outputs.append(outputs)
     new_stats.append(stats)
   losses = jnp.stack(losses)
-  return jnp.sum(losses), (losses, all_logits, tuple(new_stats))
+  return jnp.sum(losses), (losses, all_outputs, tuple(new_stats))
 
 
 def all_finite(loss, grads) -> jax.Array:
@@ -90,8 +188,8 @@ def train_step(model: PartitionedModel, tx: optax.GradientTransformation, block_
   params = tuple(s.params for s in block_states)
   batch_stats = tuple(s.batch_stats for s in block_states)
   grad_fn = jax.grad(network_loss, argnums=1, has_aux=True)
-  grads, (losses, logits, new_stats) = grad_fn(model, params, batch_stats,
-                                               batch['image'], batch['label'])
+  grads, (losses, outputs, new_stats) = grad_fn(model, params, batch_stats,
+                                                batch['image'], loss_targets(batch))
   new_states, skipped = [], []
   for k, state in enumerate(block_states):
     keep_old = jnp.logical_not(all_finite(losses[k], grads[k])) if skip_nonfinite else None
@@ -99,20 +197,24 @@ def train_step(model: PartitionedModel, tx: optax.GradientTransformation, block_
     skipped.append(jnp.zeros((), jnp.float32) if keep_old is None
                    else keep_old.astype(jnp.float32))
   metrics = {'loss': losses,
-             'accuracy': jnp.stack([_accuracy(l, batch['label']) for l in logits]),
+             'accuracy': jnp.stack([_accuracy(o['logits'], batch['label']) for o in outputs]),
              'skipped': jnp.stack(skipped)}
   return tuple(new_states), metrics
 
 
-def block_train_step(block, tx: optax.GradientTransformation, state: BlockState, x, labels,
+def block_train_step(block, tx: optax.GradientTransformation, state: BlockState, x, targets,
                      skip_nonfinite: bool = False):
   """Updates one isolated block from its own input `x` [B, H, W, C].
 
+  `targets` are int labels [B] or `loss_targets(batch)`.
   Returns (new state, detached output features for the next block, metrics of scalars).
   """
+  targets = _as_targets(targets)
   grad_fn = jax.value_and_grad(local_loss, argnums=1, has_aux=True)
-  (loss, (features, logits, stats)), grads = grad_fn(block, state.params, state.batch_stats,
-                                                     x, labels)
+  (loss, (features, outputs, stats)), grads = grad_fn(block, state.params, state.batch_stats,
+                                                      x, targets)
+  logits = outputs['logits']
+  labels = targets['label']
   keep_old = jnp.logical_not(all_finite(loss, grads)) if skip_nonfinite else None
   new_state = apply_block_update(tx, state, grads, stats, keep_old)
   metrics = {'loss': loss, 'accuracy': _accuracy(logits, labels),
@@ -124,18 +226,19 @@ def block_train_step(block, tx: optax.GradientTransformation, state: BlockState,
 def eval_step(model: PartitionedModel, block_states, batch: Batch):
   """Every head's predictions on a batch, in inference mode (running batch statistics).
 
-  Returns sums, so batches add up: 'correct' [K] and 'loss' [K] summed over the
-  examples whose 'mask' is 1, and 'count' (a scalar) of those examples.
+  Returns sums, so batches add up: 'correct' [K] and 'loss' [K] (each block's
+  local loss, `example_losses`, as in training) summed over the examples whose
+  'mask' is 1, and 'count' (a scalar) of those examples.
   """
   mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+  targets = {**loss_targets(batch), 'mask': mask}
   x, correct, loss = batch['image'], [], []
   for block, state in zip(model.blocks, block_states):
-    x, logits = block.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                            x, train=False)
-    hits = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+    x, outputs = _apply_block(block, {'params': state.params, 'batch_stats': state.batch_stats},
+                              x, targets, train=False)
+    hits = (jnp.argmax(outputs['logits'], -1) == batch['label']).astype(jnp.float32)
     correct.append(jnp.sum(hits * mask))
-    loss.append(jnp.sum(xent * mask))
+    loss.append(jnp.sum(example_losses(block, outputs, targets) * mask))
   return {'correct': jnp.stack(correct), 'loss': jnp.stack(loss), 'count': jnp.sum(mask)}
 
 
@@ -196,9 +299,9 @@ def chain_block_steps(block_steps):
   """
 
   def step(block_states, batch: Batch):
-    x, labels, new_states, metrics = batch['image'], batch['label'], [], []
+    x, targets, new_states, metrics = batch['image'], loss_targets(batch), [], []
     for block_step, state in zip(block_steps, block_states):
-      state, x, block_metrics = block_step(state, x, labels)
+      state, x, block_metrics = block_step(state, x, targets)
       new_states.append(state)
       metrics.append(block_metrics)
     return tuple(new_states), {name: jnp.stack([m[name] for m in metrics])

@@ -21,6 +21,10 @@ class Config:
   split_points: Optional[tuple] = None
   mode: str = 'bwbpf'
   aux_head: str = 'linear'
+  local_loss: str = 'xent'  # Loss of the auxiliary blocks; see bwbpf_jax.partition.LOSSES.
+  # InfoPro's (reconstruction, task) weights of the first and last auxiliary block
+  # for the *_recon losses; None: bwbpf_jax.partition.DEFAULT_LOSS_WEIGHTS.
+  loss_weights: Optional[tuple] = None
   width: float = 1.0
   stem: Optional[str] = None  # None: 'imagenet' for images of 64 pixels and more, else 'cifar'.
   dtype: str = 'float32'
@@ -34,6 +38,7 @@ class Config:
   optimizer: str = 'sgd'
   lr: float = 0.1
   momentum: float = 0.9
+  nesterov: bool = False
   weight_decay: float = 5e-4
   warmup_epochs: int = 0
   augment: str = 'crop_flip'  # 'crop_flip', 'crop' (no mirror images) or 'none'.
@@ -85,8 +90,59 @@ def _paper_presets() -> dict:
   return presets
 
 
+# InfoPro's CIFAR-10 recipe (Wang et al., ICLR 2021; its reference code's train.py and
+# comand.sh): ResNet-32/110 with option-B shortcuts, SGD with Nesterov momentum 0.9,
+# lr 0.8 for batch 1024, weight decay 1e-4, 160 epochs of cosine decay after a
+# 10-epoch warm-up, the '1c2f' auxiliary network with decoder and the contrastive
+# loss, its hand-placed block ends and per-K loss weights. What differs: our warm-up
+# rises per step from 0 (InfoPro's per epoch from 0.01) and the cosine spans the
+# steps after it; random crops pad with zeros (InfoPro's reflect).
+_INFOPRO_RUNS = {
+    # (arch, K): (InfoPro's block ends as (stage, layer) with stage 0 the stem,
+    #             (lambda_1 first, lambda_2 first, lambda_1 last, lambda_2 last)).
+    ('resnet32', 2): (((2, 1),), (5.0, 1.0, 0.0, 0.0)),
+    ('resnet32', 4): (((1, 2), (2, 1), (3, 0)), (6.0, 0.0, 1.0, 2.0)),
+    ('resnet32', 8): (((1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2)),
+                      (5.0, 0.0, 0.0, 2.0)),
+    ('resnet32', 16): (((0, 0),) + tuple((s, i) for s in (1, 2) for i in range(5))
+                       + tuple((3, i) for i in range(4)), (5.0, 0.05, 0.2, 0.5)),
+    ('resnet110', 2): (((2, 8),), (5.0, 0.5, 0.0, 0.0)),
+    ('resnet110', 4): (((1, 11), (2, 7), (3, 3)), (1.0, 0.0, 0.0, 1.0)),
+    ('resnet110', 8): (((1, 4), (1, 11), (2, 0), (2, 7), (2, 14), (3, 3), (3, 10)),
+                       (5.0, 0.0, 0.0, 1.0)),
+    ('resnet110', 16): (((1, 1), (1, 4), (1, 7), (1, 10), (1, 13), (1, 16), (2, 1), (2, 4),
+                         (2, 7), (2, 11), (2, 15), (3, 1), (3, 5), (3, 9), (3, 13)),
+                        (5.0, 0.0, 0.5, 1.0)),
+}
+
+
+def infopro_split_points(block_ends, units_per_stage: int) -> tuple:
+  """InfoPro's block ends -> our split points (the stem is unit 0; see models/cifar_resnet.py).
+
+  A block ending after layer i of stage s >= 1 means the next block starts at
+  unit 1 + (s - 1) * units_per_stage + i + 1; ending after the stem (0, 0), at unit 1.
+  """
+  return tuple(1 if stage == 0 else 1 + (stage - 1) * units_per_stage + layer + 1
+               for stage, layer in block_ends)
+
+
+def _infopro_presets() -> dict:
+  """`infopro_cifar10_<arch>_k<K>`: InfoPro's Table 2 runs (CIFAR-10 through tfds)."""
+  presets = {}
+  for (arch, num_blocks), (block_ends, weights) in _INFOPRO_RUNS.items():
+    units_per_stage = {'resnet32': 5, 'resnet110': 18}[arch]
+    presets[f'infopro_cifar10_{arch}_k{num_blocks}'] = dict(
+        dataset='cifar10', arch=arch, num_blocks=num_blocks,
+        split_points=infopro_split_points(block_ends, units_per_stage),
+        mode='bwbpf', aux_head='infopro', local_loss='supcon_recon', loss_weights=weights,
+        width=1.0, epochs=160, batch_size=1024, optimizer='sgd', lr=0.8, momentum=0.9,
+        nesterov=True, weight_decay=1e-4, warmup_epochs=10)
+  return presets
+
+
 PRESETS = {
     **_paper_presets(),
+    **_infopro_presets(),
     # The equal-budget CPU comparison of docs/results.md (on the CIFAR-10 JPEG copy).
     'cpu_cifar10_vgg11': dict(dataset='imagefolder', arch='vgg11', width=0.25, epochs=3,
                               batch_size=128, lr=0.05, warmup_epochs=1),
@@ -108,8 +164,9 @@ def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
   preset_values = PRESETS.get(preset, {})
   dataset = overrides.get('dataset', preset_values.get('dataset', Config.dataset))
   values = {**DATASET_DEFAULTS.get(dataset, {}), **preset_values, **overrides}
-  if values.get('split_points') is not None:
-    values['split_points'] = tuple(values['split_points'])
+  for name in ('split_points', 'loss_weights'):
+    if values.get(name) is not None:
+      values[name] = tuple(values[name])
   config = Config(**values)
   _validate(config)
   return config
@@ -153,6 +210,7 @@ def config_from_json(text: str) -> Config:
   values = json.loads(text)
   if isinstance(values.get('augment'), bool):  # Written before the crop-only choice existed.
     values['augment'] = 'crop_flip' if values['augment'] else 'none'
-  if values.get('split_points') is not None:
-    values['split_points'] = tuple(values['split_points'])
+  for name in ('split_points', 'loss_weights'):
+    if values.get(name) is not None:
+      values[name] = tuple(values[name])
   return Config(**{k: v for k, v in values.items() if k in _FIELDS})

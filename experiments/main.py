@@ -84,7 +84,14 @@ flags.DEFINE_list('split_points', _UNSET, 'Unit indices where blocks 2..K start 
                   '(overrides --num_blocks).')
 flags.DEFINE_enum('mode', _UNSET, bwbpf_jax.MODES, 'bwbpf: isolated blocks; deep_supervision: '
                   'the reference code (gradients cross blocks); bp: end-to-end backprop.')
-flags.DEFINE_enum('aux_head', _UNSET, bwbpf_jax.HEADS, 'Auxiliary head of blocks 1..K-1.')
+flags.DEFINE_enum('aux_head', _UNSET, bwbpf_jax.HEADS, 'Auxiliary head of blocks 1..K-1: '
+                  'linear (the paper), mlp, dgl (DGL\'s MLP-SR), infopro (InfoPro\'s 1c2f), '
+                  'auglocal (copies of sampled later units).')
+flags.DEFINE_enum('local_loss', _UNSET, bwbpf_jax.LOSSES, 'Loss of blocks 1..K-1: xent, '
+                  'xent_recon (+ InfoPro\'s image reconstruction), supcon (supervised '
+                  'contrastive), supcon_recon (InfoPro\'s contrastive variant).')
+flags.DEFINE_list('loss_weights', _UNSET, 'For *_recon losses: reconstruction and task weight '
+                  'of the first and of the last auxiliary block, e.g. 1,1,0,1 (linear between).')
 flags.DEFINE_float('width', _UNSET, 'Channel multiplier (0.25 for CPU runs).')
 flags.DEFINE_enum('stem', _UNSET, ('cifar', 'imagenet'), 'ResNet stem (default: by image size).')
 flags.DEFINE_enum('dtype', _UNSET, ('float32', 'bfloat16'), 'Computation dtype.')
@@ -98,6 +105,7 @@ flags.DEFINE_integer('batch_size', _UNSET, 'Global batch size.')
 flags.DEFINE_enum('optimizer', _UNSET, bwbpf_jax.OPTIMIZERS, 'Per-block optimizer.')
 flags.DEFINE_float('lr', _UNSET, 'Peak learning rate.')
 flags.DEFINE_float('momentum', _UNSET, 'SGD momentum.')
+flags.DEFINE_bool('nesterov', _UNSET, 'Nesterov momentum (SGD).')
 flags.DEFINE_float('weight_decay', _UNSET, 'Weight decay.')
 flags.DEFINE_integer('warmup_epochs', _UNSET, 'Linear warm-up epochs before the cosine decay.')
 flags.DEFINE_enum('augment', _UNSET, AUGMENTATIONS, 'Training augmentation: random crop '
@@ -156,6 +164,11 @@ def _given_flags() -> dict:
       values['split_points'] = tuple(int(p) for p in values['split_points'])
     except ValueError as e:
       raise bwbpf_jax.UsageError(f'--split_points must be integers: {e}') from None
+  if 'loss_weights' in values:
+    try:
+      values['loss_weights'] = tuple(float(w) for w in values['loss_weights'])
+    except ValueError as e:
+      raise bwbpf_jax.UsageError(f'--loss_weights must be numbers: {e}') from None
   return values
 
 

@@ -15,8 +15,13 @@ import sys
 
 import numpy as np
 
-_SEED_FREE = ('dataset', 'arch', 'width', 'mode', 'num_blocks', 'aux_head', 'epochs', 'batch_size',
-              'lr')
+_SEED_FREE = ('dataset', 'arch', 'width', 'mode', 'num_blocks', 'aux_head', 'local_loss', 'epochs',
+              'batch_size', 'lr')
+_DEFAULTS = {'local_loss': 'xent'}  # Fields that results.json of older runs lack.
+
+
+def _seed_free(run) -> tuple:
+  return tuple(run['config'].get(k, _DEFAULTS.get(k)) for k in _SEED_FREE)
 
 
 def load(workdirs):
@@ -41,9 +46,9 @@ def _engine(run) -> str:
 def table(runs) -> str:
   """One markdown row per configuration (seeds pooled), per-seed values in brackets."""
   groups = collections.OrderedDict()
-  for run in sorted(runs, key=lambda r: (tuple(str(r['config'][k]) for k in _SEED_FREE),
-                                         _engine(r), r['config']['seed'])):
-    groups.setdefault((tuple(run['config'][k] for k in _SEED_FREE), _engine(run)), []).append(run)
+  for run in sorted(runs, key=lambda r: (tuple(map(str, _seed_free(r))), _engine(r),
+                                         r['config']['seed'])):
+    groups.setdefault((_seed_free(run), _engine(run)), []).append(run)
   lines = ['| dataset | arch | mode | K | head | epochs | batch | engine | test error % (mean; per seed) '
            '| every head\'s test acc % (mean over seeds) | wall time s (per seed) '
            '| train img/s (per seed) |',
@@ -53,9 +58,13 @@ def table(runs) -> str:
     errors = [100 * (1 - r['test_accuracy']) for r in group]
     heads = np.mean([r['block_test_accuracy'] for r in group], axis=0) * 100
     per_seed = lambda name, fmt: ', '.join(fmt.format(r[name]) for r in group)
+    head = config['aux_head'] + ('' if config['local_loss'] == 'xent' else
+                                 f', {config["local_loss"]}')
+    if group[0].get('aux_flop_fraction') is not None:
+      head += f' ({100 * group[0]["aux_flop_fraction"]:.1f}% FLOPs)'
     lines.append(
         f'| {config["dataset"]} | {config["arch"]} x{config["width"]} | {config["mode"]} | '
-        f'{config["num_blocks"]} | {config["aux_head"]} | {config["epochs"]} | '
+        f'{config["num_blocks"]} | {head} | {config["epochs"]} | '
         f'{config["batch_size"]} | {engine} | '
         f'{np.mean(errors):.2f} ({", ".join(f"{e:.2f}" for e in errors)}) | '
         f'{" / ".join(f"{h:.1f}" for h in heads)} | {per_seed("wall_time_s", "{:.0f}")} | '

@@ -90,13 +90,14 @@ class Interrupted(Exception):
     self.signum = signum
 
 
-def evaluate(engine: Engine, states, dataset, config: Config, mean, std) -> dict:
+def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
+             with_pixels: bool = False) -> dict:
   """Accuracy and mean loss of every head on the test set: {'accuracy': [K], 'loss': [K]}."""
   totals = None
   batches = data.eval_batches(dataset.test_images, dataset.test_labels,
                               batch_size=config.batch_size, mean=mean, std=std,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), with_pixels=with_pixels)
   states = engine.eval_states(states)
   for batch in data.prefetch(batches, put=engine.put_eval_batch or engine.put_batch):
     sums = engine.eval_step(states, batch)
@@ -197,7 +198,9 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
       config.arch, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
       split_points=config.split_points, mode=config.mode, aux_head=config.aux_head,
       width=config.width, stem=config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar'),
-      dtype=jnp.dtype(config.dtype), remat=config.remat)
+      dtype=jnp.dtype(config.dtype), remat=config.remat, local_loss=config.local_loss,
+      loss_weights=config.loss_weights)
+  aux_flops = bw.aux_flop_fractions(model, image_shape)
   steps_per_epoch = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
   if steps_per_epoch == 0:
     raise bw.UsageError(f'--batch_size={config.batch_size} is larger than the '
@@ -214,6 +217,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr,
                          total_steps=schedule_steps * updates_per_batch,
                          momentum=config.momentum, weight_decay=config.weight_decay,
+                         nesterov=config.nesterov,
                          warmup_steps=warmup_steps * updates_per_batch)
 
   # Checks the device setup before anything is saved.
@@ -238,6 +242,9 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
         f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
     log(f'learning rate {config.lr:g}, {warmup_steps} warm-up steps, cosine decay to 0 at '
         f'step {schedule_steps}; augmentation {config.augment}')
+    log(f'auxiliary heads {config.aux_head} with loss {config.local_loss}: '
+        f'{100 * aux_flops["total"]:.2f}% of the backbone\'s FLOPs (per head: '
+        f'{writers.format_blocks(100 * np.asarray(aux_flops["per_head"]), "{:.2f}")}%)')
     if start_step is None:
       log(f'starting at step 0 of {last_step}; checkpoints in {manager.directory}')
     else:
@@ -249,7 +256,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
                last_step, checkpoint_every, log, is_chief,
                lambda step: float(learning_rate(max(step * updates_per_batch - 1, 0))),
-               progress_seconds)
+               progress_seconds, with_pixels=bw.step.needs_pixels(model))
     states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
     host_states = engine.host_states(states)
     run.check_finite_params(host_states, loop.step)
@@ -262,6 +269,8 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
         'block_train_loss': train_metrics['loss'],
         'split_points': list(model.split_points),
         'backbone_params': bw.backbone_param_count(model, host_states),
+        'aux_flop_fraction': aux_flops['total'],
+        'aux_flop_fraction_per_head': aux_flops['per_head'],
         'params_digest': checkpoint.params_digest(host_states),
         'skipped_updates': loop.skipped_updates,
         'steps': loop.step,
@@ -293,8 +302,11 @@ class _Run:
   """The loop of one process over its remaining steps; owns the writers and the signals."""
 
   def __init__(self, config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
-               last_step, checkpoint_every, log, is_chief, learning_rate, progress_seconds):
+               last_step, checkpoint_every, log, is_chief, learning_rate, progress_seconds,
+               with_pixels=False):
     self.config, self.workdir, self.engine, self.manager = config, workdir, engine, manager
+    # Batches carry the unnormalised images when a block reconstructs them.
+    self.with_pixels = with_pixels
     self.dataset, self.mean, self.std = dataset, mean, std
     self.steps_per_epoch, self.last_step = steps_per_epoch, last_step
     self.checkpoint_every, self.log, self.is_chief = checkpoint_every, log, is_chief
@@ -397,7 +409,7 @@ class _Run:
         self.dataset.train_images, self.dataset.train_labels, batch_size=config.batch_size,
         seed=config.seed, epoch=epoch, mean=self.mean, std=self.std, augment=config.augment,
         start_step=epoch_step, process_index=self.engine.feed_slice[0],
-        process_count=self.engine.feed_slice[1])
+        process_count=self.engine.feed_slice[1], with_pixels=self.with_pixels)
     pending, segment_start, segment_images = None, None, 0
     with data.prefetch(batches, put=self.engine.put_batch) as stream:
       for batch in stream:
@@ -449,7 +461,7 @@ class _Run:
     if step >= self.last_step or (
         end_of_epoch and (step // steps_per_epoch) % self.config.eval_every == 0):
       test_metrics = evaluate(self.engine, states, self.dataset, self.config, self.mean,
-                              self.std)
+                              self.std, with_pixels=self.with_pixels)
       writer.write({'split': 'test', 'step': step, 'epoch': step / steps_per_epoch,
                     **test_metrics, 'elapsed_s': self.elapsed()})
       line += f'  test acc {writers.format_blocks(test_metrics["accuracy"])}'

@@ -107,6 +107,21 @@ class EndToEndTest(absltest.TestCase):
     self.assertEqual(json.load(open(os.path.join(workdir, 'results.json')))['config']['augment'],
                      'none')
 
+  def test_reconstruction_loss_run_reports_the_heads_cost(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_main('--dataset=digits', '--arch=resnet20', '--width=0.25', '--num_blocks=3',
+                    '--aux_head=infopro', '--local_loss=xent_recon', '--loss_weights=2,1,0,1',
+                    '--max_steps=2', '--batch_size=32', f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('auxiliary heads infopro with loss xent_recon:', proc.stdout)
+    results = json.load(open(os.path.join(workdir, 'results.json')))
+    self.assertLen(results['aux_flop_fraction_per_head'], 2)
+    self.assertAlmostEqual(results['aux_flop_fraction'],
+                           sum(results['aux_flop_fraction_per_head']))
+    self.assertGreater(results['aux_flop_fraction'], 0.01)
+    self.assertEqual(results['config']['loss_weights'], [2.0, 1.0, 0.0, 1.0])
+    self.assertTrue(np.all(np.isfinite(results['block_test_loss'])))
+
 
 class BadInputTest(parameterized.TestCase):
 
@@ -115,6 +130,9 @@ class BadInputTest(parameterized.TestCase):
       ('unknown_dataset', ['--dataset=mnist'], 'mnist'),
       ('unknown_mode', ['--mode=forward_forward'], 'forward_forward'),
       ('unknown_head', ['--aux_head=transformer'], 'transformer'),
+      ('unknown_loss', ['--local_loss=hinge'], 'hinge'),
+      ('bad_loss_weights', ['--local_loss=xent_recon', '--loss_weights=1,2'],
+       'loss weights must be 4'),
       ('unknown_preset', ['--preset=paper_mnist'], 'unknown preset'),
       ('too_many_blocks', ['--arch=resnet18', '--num_blocks=9'], 'cannot cut 8 units'),
       ('bad_split_points', ['--split_points=3,1'], 'strictly increasing'),
@@ -279,8 +297,26 @@ class ConfigTest(absltest.TestCase):
     for name in config_lib.PRESETS:
       config = config_lib.make_config({}, name)
       model = bw.build_model(config.arch, num_classes=10, num_blocks=config.num_blocks,
-                             mode=config.mode)
+                             split_points=config.split_points, mode=config.mode,
+                             aux_head=config.aux_head, local_loss=config.local_loss,
+                             loss_weights=config.loss_weights)
       self.assertEqual(model.num_blocks, config.num_blocks, name)
+
+  def test_infopro_presets_follow_its_recipe(self):
+    import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    config = config_lib.make_config({}, 'infopro_cifar10_resnet32_k4')
+    self.assertEqual(
+        (config.lr, config.batch_size, config.epochs, config.nesterov, config.momentum,
+         config.weight_decay, config.warmup_epochs, config.aux_head, config.local_loss,
+         config.loss_weights),
+        (0.8, 1024, 160, True, 0.9, 1e-4, 10, 'infopro', 'supcon_recon', (6.0, 0.0, 1.0, 2.0)))
+    # InfoPro's ResNet-32 K=4 ends blocks after layers (1, 2), (2, 1), (3, 0): 4 modules each.
+    model = bw.build_model('resnet32', num_classes=10, split_points=config.split_points)
+    self.assertEqual(bw.partition.block_unit_counts(model), (4, 4, 4, 4))
+    self.assertEqual(config_lib.make_config({}, 'infopro_cifar10_resnet110_k4').split_points,
+                     (13, 27, 41))
+    self.assertEqual(config_lib.infopro_split_points([(0, 0), (3, 16)], 18), (1, 54))
 
 
 if __name__ == '__main__':

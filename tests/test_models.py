@@ -26,8 +26,8 @@ def _shapes_and_count(arch, stem, image_size, num_classes, width=1.0, num_blocks
   shapes = []
   for block, state in zip(model.blocks, states):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    x, logits = jax.eval_shape(lambda v, x, b=block: b.apply(v, x, train=False), variables, x)
-    shapes.append((x.shape, logits.shape))
+    x, outputs = jax.eval_shape(lambda v, x, b=block: b.apply(v, x, train=False), variables, x)
+    shapes.append((x.shape, outputs['logits'].shape))
   return shapes, bw.backbone_param_count(model, states)
 
 
@@ -62,6 +62,11 @@ class ParameterCountTest(parameterized.TestCase):
       ('resnet50', 'cifar', 10, 23_520_842),
       ('resnet101', 'cifar', 10, 42_512_970),
       ('resnet152', 'cifar', 10, 58_156_618),
+      # He et al.'s CIFAR ResNets with projection (option B) shortcuts: 0.27M/0.46M/0.85M/1.7M.
+      ('resnet20', 'cifar', 10, 272_474),
+      ('resnet32', 'cifar', 10, 466_906),
+      ('resnet56', 'cifar', 10, 855_770),
+      ('resnet110', 'cifar', 10, 1_730_714),
       # torchvision's ImageNet ResNets, 1000 classes.
       ('resnet18', 'imagenet', 1000, 11_689_512),
       ('resnet50', 'imagenet', 1000, 25_557_032),
@@ -98,6 +103,14 @@ class ShapeTest(parameterized.TestCase):
         expected = (size if stem == 'cifar' else size // 4) // 2 ** stage
       self.assertEqual(got, expected, f'unit {unit} (stage {stage})')
     self.assertEqual(shapes[-1][0][1:3], (unit_sizes[-1],) * 2)  # The output block's input.
+    # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5; CIFAR ResNets,
+    # three stages: /2**2).
+    final_hw = shapes[-1][0][1]
+    family = ('vgg' if arch.startswith('vgg') else
+              'cifar_resnet' if arch in bw.models.cifar_resnet.UNITS_PER_STAGE else 'resnet')
+    expected = {('cifar', 32): {'vgg': 1, 'resnet': 4, 'cifar_resnet': 8},
+                ('imagenet', 64): {'vgg': 2, 'resnet': 2, 'cifar_resnet': 4}}
+    self.assertEqual(final_hw, expected[stem_and_size][family])
 
   def test_width_multiplier_scales_channels(self):
     shapes, count = _shapes_and_count('resnet18', 'cifar', 32, 10, width=0.25)

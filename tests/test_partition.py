@@ -1,7 +1,6 @@
 """Split points: the paper's defaults, explicit points, and impossible requests."""
 
 from absl.testing import parameterized
-import numpy as np
 
 import bwbpf_jax as bw
 from bwbpf_jax import partition
@@ -29,6 +28,16 @@ class DefaultSplitTest(parameterized.TestCase):
       ('vgg16', 4, (4, 3, 3, 3)),
       ('vgg19', 16, (1,) * 16),
       ('resnet152', 16, (3, 3, 2, 3, 3, 4, 3, 3, 3, 4, 3, 3, 3, 4, 3, 3)),
+      # CIFAR ResNets: the stem is unit 0 of stage 0, so 1 + 3n units.
+      ('resnet20', 2, (4, 6)),
+      ('resnet32', 2, (6, 10)),
+      ('resnet32', 4, (3, 3, 5, 5)),
+      ('resnet32', 8, (2, 2, 2, 2, 1, 2, 3, 2)),
+      ('resnet32', 16, (1,) * 16),  # InfoPro's K=16: the stem alone, then one unit per block.
+      ('resnet56', 4, (5, 5, 9, 9)),
+      ('resnet110', 4, (10, 9, 18, 18)),
+      ('resnet110', 8, (6, 7, 6, 6, 6, 6, 9, 9)),
+      ('resnet110', 16, (3, 3, 4, 3, 3, 3, 4, 3, 4, 3, 4, 4, 3, 4, 3, 4)),
   )
   def test_sizes(self, arch, num_blocks, expected):
     self.assertEqual(_block_sizes(arch, num_blocks), expected)

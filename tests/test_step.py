@@ -283,6 +283,19 @@ class OptimizerTest(parameterized.TestCase):
       got.append(float(params['w'][0]))
     np.testing.assert_allclose(got, expected, rtol=1e-6)  # [1.8, 1.4390546]
 
+  def test_nesterov_matches_pytorch(self):
+    """PyTorch's SGD(nesterov=True): v = mu v + g; p -= lr (g + mu v)."""
+    tx = bw.make_optimizer('sgd', learning_rate=0.1, total_steps=10, weight_decay=0.0,
+                           momentum=0.9, nesterov=True)
+    params = {'w': jnp.array([0.0])}
+    state, steps = tx.init(params), []
+    for grad in (1.0, 2.0):
+      updates, state = tx.update({'w': jnp.array([grad])}, state, params)
+      steps.append(-float(updates['w'][0]) / 0.1)
+    # v1 = 1, step 1 + 0.9; v2 = 0.9 + 2 = 2.9, step 2 + 0.9 * 2.9 (constant lr: 10-step cosine
+    # at step 1 is 0.1 * 0.97553).
+    np.testing.assert_allclose(steps, [1.9, (2 + 0.9 * 2.9) * 0.975528], rtol=1e-5)
+
   def test_cosine_schedule_reaches_zero(self):
     tx = bw.make_optimizer('sgd', learning_rate=0.1, total_steps=4, weight_decay=0.0,
                            momentum=0.0)

@@ -40,6 +40,19 @@ class SummarizeTest(absltest.TestCase):
     self.assertIn('| 50.0 / 85.0 |', none_row)  # every head's accuracy, mean over seeds
     self.assertIn('| 10, 11 |', none_row)  # wall time per seed
 
+  def test_losses_get_rows_of_their_own_with_their_cost(self):
+    root = self.create_tempdir().full_path
+    workdirs = [_write_run(root, 'a', 0.9, seed=0, aux_head='infopro'),
+                _write_run(root, 'b', 0.8, seed=0, aux_head='infopro', local_loss='xent_recon')]
+    with open(os.path.join(workdirs[1], 'results.json')) as f:
+      results = json.load(f)
+    results['aux_flop_fraction'] = 0.0543
+    with open(os.path.join(workdirs[1], 'results.json'), 'w') as f:
+      json.dump(results, f)
+    rows = summarize.table(summarize.load(workdirs)).splitlines()[2:]
+    self.assertLen(rows, 2)
+    self.assertTrue(any('| infopro, xent_recon (5.4% FLOPs) |' in row for row in rows), rows)
+
   def test_no_results_is_exit_2(self):
     self.assertEqual(summarize.main(['summarize', self.create_tempdir().full_path]), 2)
 

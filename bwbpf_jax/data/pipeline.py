@@ -118,7 +118,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
                   epoch: int, mean, std, augment='crop_flip', start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                  process_index: int = 0, process_count: int = 1,
+                  with_pixels: bool = False) -> Iterator[dict]:
   """One epoch of shuffled, augmented, normalised training batches.
 
   Args:
@@ -133,11 +134,13 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
       same draws), without the flips.
     start_step: first step to yield, for resuming mid-epoch.
     process_index, process_count: this process's slice of each global batch.
+    with_pixels: also yield 'pixels', the augmented uint8 images before
+      normalisation: the target of a reconstruction loss.
 
   Returns:
     An iterator over steps start_step .. N // batch_size - 1 of dicts
-    {'image': float32 [b, H, W, C], 'label': int32 [b]} with
-    b = batch_size // process_count.
+    {'image': float32 [b, H, W, C], 'label': int32 [b]} (and 'pixels': uint8
+    [b, H, W, C] with `with_pixels`) with b = batch_size // process_count.
 
   Raises:
     UsageError: inconsistent arguments, or fewer examples than one batch.
@@ -170,7 +173,10 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
         offsets = rng.integers(0, 2 * pad + 1, size=(batch_size, 2))
         flips = (rng.random(batch_size) < 0.5) & (augment == 'crop_flip')
         batch_images = crop_and_flip(batch_images, offsets[local], flips[local], pad)
-      yield {'image': normalize(batch_images, mean, std), 'label': labels[indices]}
+      batch = {'image': normalize(batch_images, mean, std), 'label': labels[indices]}
+      if with_pixels:
+        batch['pixels'] = batch_images
+      yield batch
 
   return batches()
 
@@ -184,7 +190,8 @@ def _check_augment(augment) -> str:
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1,
+                 with_pixels: bool = False) -> Iterator[dict]:
   """The whole set in order, in batches of one fixed shape so eval compiles once.
 
   The last global batch is padded to full size; 'mask' says which rows are
@@ -194,7 +201,8 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, mea
   Returns:
     An iterator over ceil(N / batch_size) dicts {'image': float32 [b, H, W, C],
     'label': int32 [b], 'mask': float32 [b]}, b = batch_size // process_count;
-    padded rows have zero image, label 0 and mask 0.
+    padded rows have zero image, label 0 and mask 0. With `with_pixels`, also
+    'pixels': the uint8 images before normalisation (zero where padded).
   """
   _check_images(images)
   labels = _check_labels(labels, images)
@@ -209,9 +217,12 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, mea
       indices = np.minimum(indices, num_examples - 1)
       batch_images = normalize(images[indices], mean, std)
       batch_images[~real] = 0.0
-      yield {'image': batch_images,
-             'label': np.where(real, labels[indices], 0).astype(np.int32),
-             'mask': real.astype(np.float32)}
+      batch = {'image': batch_images,
+               'label': np.where(real, labels[indices], 0).astype(np.int32),
+               'mask': real.astype(np.float32)}
+      if with_pixels:
+        batch['pixels'] = np.where(real[:, None, None, None], images[indices], 0).astype(np.uint8)
+      yield batch
 
   return batches()
 

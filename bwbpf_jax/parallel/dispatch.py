@@ -121,8 +121,8 @@ def make_block_parallel_train_step(model: PartitionedModel, tx: optax.GradientTr
           continue
         x = microbatches[m]['image'] if k == 0 else previous[k - 1]
         x = jax.device_put(x, block_devices[k])
-        labels = jax.device_put(microbatches[m]['label'], block_devices[k])
-        states[k], current[k], block_metrics = block_steps[k](states[k], x, labels)
+        targets = jax.device_put(step_lib.loss_targets(microbatches[m]), block_devices[k])
+        states[k], current[k], block_metrics = block_steps[k](states[k], x, targets)
         metrics[k].append(block_metrics)
       previous = current
     means = [jax.tree_util.tree_map(lambda *values: jnp.mean(jnp.stack(values)), *block)

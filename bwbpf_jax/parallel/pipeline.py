@@ -241,6 +241,9 @@ def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, i
   if model.mode != 'bwbpf':
     raise UsageError(f'block-parallel training needs isolated blocks (mode bwbpf), '
                      f'not mode {model.mode!r}: in that mode gradients cross blocks')
+  if step_lib.needs_pixels(model):
+    raise UsageError('the stage pipeline passes labels between stages, not the images a '
+                     'reconstruction loss needs; use --parallel=data or none with it')
   num_blocks = model.num_blocks
   num_stages = num_blocks if num_stages is None else int(num_stages)
   if not 1 <= num_stages <= num_blocks:
@@ -477,8 +480,9 @@ class StagePipeline:
     grads, proposed, losses, accuracies = [], [], [], []
     for k, block_state in zip(plan.stage_blocks[s], block_states):
       grad_fn = jax.value_and_grad(step_lib.local_loss, argnums=1, has_aux=True)
-      (loss, (x, logits, stats)), block_grads = grad_fn(
+      (loss, (x, outputs, stats)), block_grads = grad_fn(
           self.model.blocks[k], block_state.params, block_state.batch_stats, x, labels)
+      logits = outputs['logits']
       grads.append(block_grads)
       proposed.append(block_state.replace(batch_stats=stats))
       losses.append(loss)

@@ -43,14 +43,14 @@ def per_block_step_times(model: PartitionedModel, tx: optax.GradientTransformati
   """
   if repeats < 1:
     raise UsageError(f'repeats must be at least 1, got {repeats}')
-  x, labels, times = batch['image'], batch['label'], []
+  x, targets, times = batch['image'], step_lib.loss_targets(batch), []
   for block, state in zip(model.blocks, block_states):
     block_step = jax.jit(functools.partial(step_lib.block_train_step, block, tx))
-    _, next_x, _ = jax.block_until_ready(block_step(state, x, labels))  # Compiles.
+    _, next_x, _ = jax.block_until_ready(block_step(state, x, targets))  # Compiles.
     samples = []
     for _ in range(repeats):
       start = clock()
-      jax.block_until_ready(block_step(state, x, labels))
+      jax.block_until_ready(block_step(state, x, targets))
       samples.append(clock() - start)
     times.append(statistics.median(samples))
     x = next_x
