@@ -140,6 +140,10 @@ class OneDeviceTest(parameterized.TestCase):
     bp_model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125, mode='bp')
     with self.assertRaisesRegex(UsageError, 'isolated blocks'):
       parallel.make_stage_plan(bp_model, tx, IMAGE)
+    recon_model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125,
+                                 aux_head='infopro', local_loss='xent_recon')
+    with self.assertRaisesRegex(UsageError, 'reconstruction loss'):
+      parallel.make_stage_plan(recon_model, tx, IMAGE)
     plan = parallel.make_stage_plan(model, tx, IMAGE, 1)
     mesh = parallel.make_pipeline_mesh(1, jax.devices()[:1])
     with self.assertRaisesRegex(UsageError, 'cannot be split into --microbatches=3'):
