@@ -41,3 +41,42 @@ def run_on_fake_devices(testcase, test_file: str, test_class) -> None:
   testcase.assertEqual(result.returncode, 0, report)
   num_tests = len([name for name in dir(test_class) if name.startswith('test_')])
   testcase.assertIn(f'{num_tests} passed', result.stdout, report)
+
+
+WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
+
+
+def run_workers(out_dir: str, *, num_processes: int, local_devices: int,
+                engine: str = 'data') -> list:
+  """Runs tests/parallel_worker.py as one multi-process JAX run on loopback.
+
+  Returns every process's JSON report, in process order, with its trained
+  parameters (host arrays) under 'params'.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  port = free_port()
+  workers = [subprocess.Popen(
+      [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}',
+       f'--num_processes={num_processes}', f'--process_id={i}',
+       f'--local_devices={local_devices}', f'--out_dir={out_dir}', f'--engine={engine}'],
+      env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(num_processes)]
+  outputs = []
+  try:
+    for worker in workers:
+      outputs.append(worker.communicate(timeout=SUBPROCESS_TIMEOUT_S))
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.communicate()
+  reports = []
+  for worker, (stdout, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    with np.load(os.path.join(out_dir, f'process_{report["process_index"]}.npz')) as saved:
+      report['params'] = [saved[f'arr_{i}'] for i in range(len(saved.files))]
+    reports.append(report)
+  return reports

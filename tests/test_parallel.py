@@ -12,8 +12,6 @@ talk over loopback only.
 import functools
 import importlib.util
 import itertools
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +26,10 @@ import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
-from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, free_port,
-                          run_on_fake_devices, subprocess_env)
+from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, WORKER,
+                          run_on_fake_devices, run_workers, subprocess_env)
 
 IMAGE = (16, 16, 3)
-WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
 
 
 def _batch(size=16, seed=0):
@@ -161,29 +158,11 @@ class SingleProcessTest(parameterized.TestCase):
     parallel_worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(parallel_worker)
     with tempfile.TemporaryDirectory() as out_dir:
-      port = free_port()
-      workers = [subprocess.Popen(
-          [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
-           f'--process_id={i}', '--local_devices=2', f'--out_dir={out_dir}'],
-          env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          text=True) for i in range(2)]
-      outputs = []
-      try:
-        for worker in workers:
-          outputs.append(worker.communicate(timeout=SUBPROCESS_TIMEOUT_S))
-      finally:
-        for worker in workers:
-          if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
-      for worker, (stdout, stderr) in zip(workers, outputs):
-        self.assertEqual(worker.returncode, 0, stderr[-3000:])
-      reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
-      self.assertEqual([r['process_index'] for r in reports], [0, 1])
-      self.assertEqual({(r['process_count'], r['global_devices']) for r in reports}, {(2, 4)})
-      self.assertEqual(reports[0]['digest'], reports[1]['digest'])
-      with np.load(os.path.join(out_dir, 'process_0.npz')) as saved:
-        trained = [saved[f'arr_{i}'] for i in range(len(saved.files))]
+      reports = run_workers(out_dir, num_processes=2, local_devices=2)
+    self.assertEqual([r['process_index'] for r in reports], [0, 1])
+    self.assertEqual({(r['process_count'], r['global_devices']) for r in reports}, {(2, 4)})
+    self.assertEqual(reports[0]['digest'], reports[1]['digest'])
+    trained = reports[0]['params']
 
     # The same training in this process, on one device and the whole global batch; the
     # 4 devices' partial sums and all-reduces add in another order.

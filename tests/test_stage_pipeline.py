@@ -12,10 +12,7 @@ tests/parallel_worker.py processes that talk over loopback only.
 """
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
@@ -29,11 +26,9 @@ import pytest
 import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
-from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, free_port,
-                          run_on_fake_devices, subprocess_env)
+from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
 
 IMAGE = (16, 16, 3)
-WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
 # Agreement of two programs' float32 trajectories over a few updates (see the docstring).
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -157,43 +152,16 @@ class OneDeviceTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_two_processes_of_4_devices_equal_one_process_of_8(self):
     with tempfile.TemporaryDirectory() as out_dir:
-      one = _run_workers(out_dir, 'one', num_processes=1, local_devices=8)
-      two = _run_workers(out_dir, 'two', num_processes=2, local_devices=4)
+      one = run_workers(os.path.join(out_dir, 'one'), num_processes=1, local_devices=8,
+                        engine='pipeline')
+      two = run_workers(os.path.join(out_dir, 'two'), num_processes=2, local_devices=4,
+                        engine='pipeline')
     self.assertEqual([r['global_devices'] for r in one + two], [8, 8, 8])
     self.assertEqual([r['mesh'] for r in one + two], [[2, 4]] * 3)
     self.assertEqual(two[0]['digest'], two[1]['digest'])  # Both processes hold the result.
     # Different collectives (in-process against gloo) may sum in another order.
     np.testing.assert_allclose(two[0]['loss'], one[0]['loss'], rtol=1e-5)
     chex.assert_trees_all_close(two[0]['params'], one[0]['params'], rtol=RTOL, atol=ATOL)
-
-
-def _run_workers(out_dir, name, *, num_processes, local_devices):
-  port = free_port()
-  workers = [subprocess.Popen(
-      [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}',
-       f'--num_processes={num_processes}', f'--process_id={i}',
-       f'--local_devices={local_devices}', f'--out_dir={os.path.join(out_dir, name)}',
-       '--engine=pipeline'],
-      env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(num_processes)]
-  os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-  outputs = []
-  try:
-    for worker in workers:
-      outputs.append(worker.communicate(timeout=SUBPROCESS_TIMEOUT_S))
-  finally:
-    for worker in workers:
-      if worker.poll() is None:
-        worker.kill()
-        worker.communicate()
-  reports = []
-  for worker, (stdout, stderr) in zip(workers, outputs):
-    assert worker.returncode == 0, stderr[-3000:]
-    report = json.loads(stdout.strip().splitlines()[-1])
-    with np.load(os.path.join(out_dir, name, f'process_{report["process_index"]}.npz')) as f:
-      report['params'] = [f[f'arr_{i}'] for i in range(len(f.files))]
-    reports.append(report)
-  return reports
 
 
 class MultiDeviceTest(parameterized.TestCase):
