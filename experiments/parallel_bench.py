@@ -50,11 +50,8 @@ machine was.
 
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -93,24 +90,12 @@ def _pin_and_configure(num_cores: int, num_devices: int) -> list:
   return cores
 
 
-def _cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
 def _time_steps(step, states, batch, steps):
   """(states, median seconds per call, CPU seconds per wall second) after one compiling call."""
-  import jax  # pylint: disable=g-import-not-at-top
-  states, metrics = step(states, batch)
-  jax.block_until_ready((states, metrics))
-  times, wall_start, cpu_start = [], time.perf_counter(), _cpu_seconds()
-  for _ in range(steps):
-    start = time.perf_counter()
-    states, metrics = step(states, batch)
-    jax.block_until_ready((states, metrics))
-    times.append(time.perf_counter() - start)
-  cpu_per_wall = (_cpu_seconds() - cpu_start) / (time.perf_counter() - wall_start)
-  return states, statistics.median(times), cpu_per_wall
+  from benchmarks import harness  # pylint: disable=g-import-not-at-top
+  timing, (states, _) = harness.time_steps(lambda carry: step(carry[0], batch), (states, None),
+                                           steps=steps)
+  return states, timing.median_seconds, timing.cpu_per_wall
 
 
 def _measure(worker: str, split_points) -> dict:
