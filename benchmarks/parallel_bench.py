@@ -1,6 +1,6 @@
 r"""Block-parallel throughput on D CPU devices with one core each, against one device.
 
-    python -m experiments.parallel_bench --arch=resnet18 --width=0.25 --batch_size=64 \
+    python -m benchmarks.parallel_bench --arch=resnet18 --width=0.25 --batch_size=64 \
         --num_blocks=2 --microbatches=4 --steps=5
 
 prints one JSON line. Each measurement runs in a fresh process pinned to as many
@@ -34,7 +34,7 @@ parallelism buys on D accelerators, measured on a CPU.
   parallelism buys nothing where one device already has every core); the
   gain on D accelerators is what `--project` estimates.
 
-    python -m experiments.parallel_bench --arch=resnet50 --width=0.25 --batch_size=64 \
+    python -m benchmarks.parallel_bench --arch=resnet50 --width=0.25 --batch_size=64 \
         --microbatches=4 --project=4,8
 
 times every unit alone on one core and prints, for each K, the projected
@@ -221,7 +221,7 @@ def _projection(build, unit_costs, num_blocks: int) -> dict:
 
 
 def _run_worker(worker: str, split_points=None) -> dict:
-  argv = [sys.executable, '-m', 'experiments.parallel_bench', f'--worker={worker}']
+  argv = [sys.executable, '-m', 'benchmarks.parallel_bench', f'--worker={worker}']
   for name in _SHARED_FLAGS:
     value = getattr(FLAGS, name)
     if value is not None:
