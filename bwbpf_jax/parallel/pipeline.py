@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bwbpf_jax import state as state_lib
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import layers
@@ -200,7 +201,7 @@ def block_costs(model: PartitionedModel, tx: optax.GradientTransformation,
   """
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
   labels = jax.ShapeDtypeStruct((1,), jnp.int32)
-  states = _abstract_states(model, tx, input_shape)
+  states = state_lib.abstract_block_states(model, tx, input_shape)
   costs = []
   for block, state in zip(model.blocks, states):
     fn = functools.partial(step_lib.block_train_step, block, tx)
@@ -212,11 +213,6 @@ def block_costs(model: PartitionedModel, tx: optax.GradientTransformation,
     costs.append(float(analysis.get('flops', 1.0)))
     x = jax.eval_shape(fn, state, x, labels)[1]
   return tuple(costs)
-
-
-def _abstract_states(model, tx, input_shape):
-  from bwbpf_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  return state_lib.abstract_block_states(model, tx, input_shape)
 
 
 def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, input_shape,
@@ -257,7 +253,7 @@ def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, i
   bounds = (0,) + tuple(starts) + (num_blocks,)
   stage_blocks = tuple(tuple(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:]))
 
-  states = _abstract_states(model, tx, input_shape)
+  states = state_lib.abstract_block_states(model, tx, input_shape)
   block_inputs, x = [], jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
   for block, state in zip(model.blocks, states):
     block_inputs.append(x)
@@ -407,7 +403,7 @@ class StagePipeline:
 
   def _unpack(self, state: PipelineState) -> tuple:
     blocks = []
-    for s, (packing, _) in enumerate(zip(self.plan.state_packings, self.plan.stage_blocks)):
+    for s, packing in enumerate(self.plan.state_packings):
       blocks.extend(packing.unpack(state.stages[s]))
     return tuple(blocks)
 
