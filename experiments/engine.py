@@ -114,9 +114,7 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
                                     num_microbatches=config.microbatches,
                                     global_batch_size=config.batch_size,
                                     skip_nonfinite=config.skip_nonfinite)
-  eval_mesh = parallel.make_mesh(devices=list(mesh.devices.flat))  # The same device order.
-  last = {}
-
+  last = {}  # The last step's per-block sums, which a drain's are added to.
   per_step = functools.partial(parallel.step_metrics, num_microbatches=config.microbatches)
 
   def train_step(states, batch):
@@ -137,6 +135,7 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
     eval_step, put_eval_batch = bw.make_eval_step(model), jax.device_put
     eval_states = lambda states: jax.device_put(pipeline.block_states(states), eval_device)
   else:
+    eval_mesh = parallel.make_mesh(devices=list(mesh.devices.flat))  # The same device order.
     eval_step = parallel.make_data_parallel_eval_step(model, eval_mesh)
     put_eval_batch = lambda batch: parallel.shard_batch(batch, eval_mesh)
     eval_states = pipeline.block_states
