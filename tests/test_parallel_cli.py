@@ -119,27 +119,45 @@ class ParallelCommandLineTest(absltest.TestCase):
     self.assertGreaterEqual(resumed_at, killed_at)
     self.assertEqual(_results(workdir)['params_digest'], _results(reference)['params_digest'])
 
-  def test_two_processes_run_as_one_on_the_global_batch(self):
+  def _run_two_processes(self, *flags, devices_per_process=1):
+    """`experiments.main FLAGS` as 2 processes on loopback; returns (results, both stdouts)."""
     workdir = self.create_tempdir().full_path
     port = _free_port()
-    environ = {**os.environ, 'PYTHONPATH': REPO, **_devices_env(1)}
+    environ = {**os.environ, 'PYTHONPATH': REPO, **_devices_env(devices_per_process)}
     procs = [subprocess.Popen(
-        [sys.executable, '-m', 'experiments.main', *SMALL, '--batch_size=32', '--max_steps=4',
-         f'--workdir={workdir}', f'--coordinator_address=localhost:{port}',
-         '--num_processes=2', f'--process_id={i}'],
+        [sys.executable, '-m', 'experiments.main', *flags, f'--workdir={workdir}',
+         f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
         cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (_, stderr) in zip(procs, outputs):
       self.assertEqual(proc.returncode, 0, stderr[-3000:])
+    return workdir, [stdout for stdout, _ in outputs]
+
+  def test_two_processes_run_as_one_on_the_global_batch(self):
+    workdir, stdouts = self._run_two_processes(*SMALL, '--batch_size=32', '--max_steps=4')
     # Process 0 logs and writes; process 1 trains its half of every batch silently.
-    self.assertIn('test accuracy', outputs[0][0])
-    self.assertNotIn('test accuracy', outputs[1][0])
+    self.assertIn('test accuracy', stdouts[0])
+    self.assertNotIn('test accuracy', stdouts[1])
     results = _results(workdir)
     self.assertEqual((results['parallel'], results['num_devices'], results['num_processes']),
                      ('data', 2, 2))
     self.assert_same_training(results, self.reference)
     self.assertEqual(sorted(os.listdir(os.path.join(workdir, 'checkpoints'))), ['4'])
+
+  @pytest.mark.slow
+  def test_block_parallel_across_two_processes_matches_one_process(self):
+    flags = (*SMALL, '--batch_size=32', '--max_steps=4', '--parallel=blocks',
+             '--microbatches=2')
+    # One data row per process, both stages in each: each process feeds its half.
+    workdir, _ = self._run_two_processes(*flags, devices_per_process=2)
+    results = _results(workdir)
+    self.assertEqual((results['mesh'], results['num_devices'], results['num_processes']),
+                     ({'data': 2, 'stage': 2}, 4, 2))
+    one_process = self.create_tempdir().full_path
+    proc = run_main(*flags, f'--workdir={one_process}', env=_devices_env(4))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assert_same_training(results, _results(one_process), rtol=1e-5)
 
   def test_block_parallel_refuses_modes_whose_gradients_cross_blocks(self):
     proc = run_main(*SMALL, '--parallel=blocks', '--mode=deep_supervision', '--max_steps=1',
