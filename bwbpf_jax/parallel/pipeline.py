@@ -333,6 +333,8 @@ class StagePipeline:
                        f'{divisor}')
     self.model, self.tx, self.plan, self.mesh = model, tx, plan, mesh
     self.num_microbatches = num_microbatches
+    # Data rows whose share of each batch this process feeds (all of them in one process).
+    self.rows_fed = mesh.shape[DATA_AXIS] // process_feed_slice(mesh)[1]
     self.microbatch_size = global_batch_size // num_microbatches
     self.skip_nonfinite = skip_nonfinite
     self.shardings = _state_shardings(mesh)
@@ -379,9 +381,8 @@ class StagePipeline:
 
     def lay_out(x):
       x = np.asarray(x)
-      rows_here = self.mesh.shape[DATA_AXIS] // process_feed_slice(self.mesh)[1]
-      # [rows_here * M * b_row] -> [M, rows_here * b_row]: each row's share cut into M parts.
-      x = x.reshape((rows_here, num_micro, -1) + x.shape[1:]).swapaxes(0, 1)
+      # [rows_fed * M * b_row] -> [M, rows_fed * b_row]: each row's share cut into M parts.
+      x = x.reshape((self.rows_fed, num_micro, -1) + x.shape[1:]).swapaxes(0, 1)
       local = x.reshape((num_micro, -1) + x.shape[3:])
       global_shape = (num_micro, self.microbatch_size) + local.shape[2:]
       return jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
