@@ -59,6 +59,8 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('num_classes', 10, 'Classes.')
 flags.DEFINE_integer('num_blocks', 4, 'K.')
+flags.DEFINE_enum('split_by', 'stages', ('stages', 'activations'), 'The cut into K blocks '
+                  '(experiments.main\'s --split_by; the PyTorch peer has stages).')
 flags.DEFINE_string('aux_head', 'linear', 'Auxiliary head (JAX only; the PyTorch peer has linear).')
 flags.DEFINE_string('local_loss', 'xent', 'Local loss of the auxiliary blocks (JAX only).')
 flags.DEFINE_list('modes', ['bp', 'deep_supervision', 'bwbpf'], 'Modes to measure; '
@@ -160,12 +162,17 @@ def measure_jax(mode: str) -> dict:
   remat = mode.endswith(REMAT_SUFFIX)
   layers.onednn_runs_convolutions()  # Starts the backend and loads oneDNN before the baseline.
   baseline_rss = harness.current_rss_bytes()
-  model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
-                         mode=mode.removesuffix(REMAT_SUFFIX), width=FLAGS.width,
-                         dtype=jnp.dtype(FLAGS.dtype), remat=remat, aux_head=FLAGS.aux_head,
-                         local_loss=FLAGS.local_loss)
-  tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
+  split_points = None
+  if FLAGS.split_by == 'activations':
+    split_points = bw.activation_balanced_split_points(
+        FLAGS.arch, FLAGS.num_blocks, shape[1:], batch_size=FLAGS.batch_size, width=FLAGS.width,
+        dtype=jnp.dtype(FLAGS.dtype))
+  model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
+                         split_points=split_points, mode=mode.removesuffix(REMAT_SUFFIX),
+                         width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype), remat=remat,
+                         aux_head=FLAGS.aux_head, local_loss=FLAGS.local_loss)
+  tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   states = bw.init_block_states(model, tx, jax.random.key(0), shape)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=shape), jnp.float32),
@@ -204,6 +211,7 @@ def measure_jax(mode: str) -> dict:
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
           'baseline_rss_bytes': baseline_rss, 'state_bytes': state_bytes,
           'aux_flop_fraction': bw.aux_flop_fractions(model, shape[1:])['total'],
+          'split_points': list(model.split_points),
           'device': device_kind,
           'convolutions': ('onednn' if FLAGS.dtype == 'float32'
                            and layers.onednn_runs_convolutions() else 'xla')}
@@ -213,6 +221,8 @@ def _worker(mode: str):
   if FLAGS.framework == 'torch':
     if FLAGS.aux_head != 'linear' or FLAGS.local_loss != 'xent':
       raise SystemExit('error: the PyTorch peer has linear heads and cross-entropy only')
+    if FLAGS.split_by != 'stages':
+      raise SystemExit('error: the PyTorch peer cuts at stages only (--split_by=stages)')
     from benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
     result = torch_peer.measure(mode, arch=FLAGS.arch, width=FLAGS.width,
                                 batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
@@ -226,8 +236,9 @@ def _worker(mode: str):
     result = measure_jax(mode)
   result.update(mode=mode, arch=FLAGS.arch, aux_head=FLAGS.aux_head,
                 local_loss=FLAGS.local_loss, width=FLAGS.width, batch_size=FLAGS.batch_size,
-                image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks, dtype=FLAGS.dtype,
-                steps=FLAGS.steps, **harness.process_fields())
+                image_size=FLAGS.image_size, num_blocks=FLAGS.num_blocks,
+                split_by=FLAGS.split_by, dtype=FLAGS.dtype, steps=FLAGS.steps,
+                **harness.process_fields())
   print(json.dumps(result), flush=True)
 
 
@@ -237,8 +248,8 @@ def _run_worker(mode: str, framework: str) -> int:
               f'--{name}={",".join(value) if isinstance(value, list) else value}'
               for name, value in FLAGS.flag_values_dict().items()
               if name in ('arch', 'width', 'batch_size', 'image_size', 'num_classes',
-                          'num_blocks', 'aux_head', 'local_loss', 'train_step', 'dtype',
-                          'steps', 'peak_tflops', 'torch_bwbpf_step', 'torch_channels_last')
+                          'num_blocks', 'split_by', 'aux_head', 'local_loss', 'train_step',
+                          'dtype', 'steps', 'peak_tflops', 'torch_bwbpf_step', 'torch_channels_last')
               and value is not None]
   proc = subprocess.run(argv, capture_output=True, text=True,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

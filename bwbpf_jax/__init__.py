@@ -15,7 +15,8 @@ behaviour) and with plain backprop, for honest comparisons.
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import ARCHITECTURES, HEADS
 from bwbpf_jax.optimizers import OPTIMIZERS, make_optimizer
-from bwbpf_jax.cost import aux_flop_fractions, flop_counts
+from bwbpf_jax.cost import (activation_balanced_split_points, aux_flop_fractions, flop_counts,
+                            unit_activation_bytes)
 from bwbpf_jax.partition import (LOSSES, MODES, PartitionedModel, build_model,
                                  default_split_points)
 from bwbpf_jax.state import (BlockState, abstract_block_states, backbone_param_count,

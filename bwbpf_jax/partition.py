@@ -190,7 +190,7 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
                 aux_head: Union[str, Sequence[str]] = 'linear', width: float = 1.0,
                 stem: str = 'cifar', dtype: Any = jnp.float32, local_loss: str = 'xent',
                 loss_weights: Optional[Sequence[float]] = None,
-                remat: bool = False) -> PartitionedModel:
+                remat: bool = False, auglocal_depth: int = 2) -> PartitionedModel:
   """Builds `arch` cut into blocks for training `mode`.
 
   Args:
@@ -212,6 +212,8 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
       `DEFAULT_LOSS_WEIGHTS`).
     remat: gradient checkpointing: every unit under `jax.checkpoint` (`REMAT_POLICY`),
       trading a second forward pass for activation memory. Any mode; same update.
+    auglocal_depth: AugLocal's depth: later units copied into the first block's
+      `auglocal` head, falling linearly to about half at the last auxiliary block.
   """
   if mode not in MODES:
     raise UsageError(f'unknown mode {mode!r}; choose one of {", ".join(MODES)}')
@@ -232,7 +234,7 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
         head=(models.make_head('linear', num_classes, dtype) if is_output else
               _aux_head(aux_heads[k], local_loss, num_classes, dtype,
                         following_units=units[bounds[k + 1]:], aux_index=k,
-                        num_aux=num_blocks - 1)),
+                        num_aux=num_blocks - 1, auglocal_depth=auglocal_depth)),
         stem=stem_module if k == 0 else None,
         detach_input=(mode == 'bwbpf'),
         detach_head_input=(mode == 'bp' and not is_output), remat=remat,

@@ -11,6 +11,8 @@ from typing import Optional
 from bwbpf_jax.data.pipeline import AUGMENTATIONS
 from bwbpf_jax.errors import UsageError
 
+SPLIT_BY = ('stages', 'activations')
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -19,8 +21,13 @@ class Config:
   arch: str = 'vgg19'
   num_blocks: int = 4
   split_points: Optional[tuple] = None
+  # Where the default cut goes: 'stages' (the paper's: stage boundaries, units shared out
+  # evenly) or 'activations' (the smallest largest block in activation memory, for the
+  # block-wise step's peak memory; bwbpf_jax.cost.activation_balanced_split_points).
+  split_by: str = 'stages'
   mode: str = 'bwbpf'
   aux_head: str = 'linear'
+  auglocal_depth: int = 2  # Units copied into the first block's auglocal head (AugLocal's depth).
   local_loss: str = 'xent'  # Loss of the auxiliary blocks; see bwbpf_jax.partition.LOSSES.
   # InfoPro's (reconstruction, task) weights of the first and last auxiliary block
   # for the *_recon losses; None: bwbpf_jax.partition.DEFAULT_LOSS_WEIGHTS.
@@ -173,7 +180,8 @@ def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
 
 
 def _validate(config: Config):
-  positive = ('num_blocks', 'epochs', 'batch_size', 'eval_every', 'microbatches')
+  positive = ('num_blocks', 'epochs', 'batch_size', 'eval_every', 'microbatches',
+              'auglocal_depth')
   for name in positive:
     if getattr(config, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
@@ -190,11 +198,14 @@ def _validate(config: Config):
   choices = {'train_step': ('auto', 'fused', 'blockwise'),
              'parallel': ('auto', 'none', 'data', 'blocks'),
              'dtype': ('float32', 'bfloat16'),
-             'augment': AUGMENTATIONS}
+             'augment': AUGMENTATIONS,
+             'split_by': SPLIT_BY}
   for name, allowed in choices.items():
     if getattr(config, name) not in allowed:
       raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
                        f'got {getattr(config, name)!r}')
+  if config.split_by != 'stages' and config.split_points is not None:
+    raise UsageError(f'--split_points sets the cut itself; drop --split_by={config.split_by}')
   if config.train_step == 'blockwise' and config.mode != 'bwbpf':
     raise UsageError('--train_step=blockwise needs --mode=bwbpf: in other modes gradients '
                      'cross block boundaries')

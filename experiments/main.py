@@ -82,11 +82,18 @@ flags.DEFINE_enum('arch', _UNSET, bwbpf_jax.ARCHITECTURES, 'Architecture.')
 flags.DEFINE_integer('num_blocks', _UNSET, 'K, blocks the network is cut into (1 = backprop).')
 flags.DEFINE_list('split_points', _UNSET, 'Unit indices where blocks 2..K start '
                   '(overrides --num_blocks).')
+flags.DEFINE_enum('split_by', _UNSET, config_lib.SPLIT_BY, 'The cut into --num_blocks '
+                  'blocks: stages (the paper: at stage boundaries, units shared evenly) or '
+                  'activations (balance the activation memory of the blocks: the smallest '
+                  'peak memory of the block-wise step).')
 flags.DEFINE_enum('mode', _UNSET, bwbpf_jax.MODES, 'bwbpf: isolated blocks; deep_supervision: '
                   'the reference code (gradients cross blocks); bp: end-to-end backprop.')
 flags.DEFINE_enum('aux_head', _UNSET, bwbpf_jax.HEADS, 'Auxiliary head of blocks 1..K-1: '
                   'linear (the paper), mlp, dgl (DGL\'s MLP-SR), infopro (InfoPro\'s 1c2f), '
                   'auglocal (copies of sampled later units).')
+flags.DEFINE_integer('auglocal_depth', _UNSET, 'Later units copied into the first block\'s '
+                     'auglocal head (AugLocal\'s depth, default 2; falls to about half at the '
+                     'last auxiliary block).')
 flags.DEFINE_enum('local_loss', _UNSET, bwbpf_jax.LOSSES, 'Loss of blocks 1..K-1: xent, '
                   'xent_recon (+ InfoPro\'s image reconstruction), supcon (supervised '
                   'contrastive), supcon_recon (InfoPro\'s contrastive variant).')

@@ -194,12 +194,18 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
   mean, std = data.normalization_stats(dataset.train_images)
   image_shape = dataset.image_shape
+  stem = config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar')
+  split_points = config.split_points
+  if config.split_by == 'activations':
+    split_points = bw.activation_balanced_split_points(
+        config.arch, config.num_blocks, image_shape, batch_size=config.batch_size,
+        width=config.width, stem=stem, dtype=jnp.dtype(config.dtype))
   model = bw.build_model(
       config.arch, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
-      split_points=config.split_points, mode=config.mode, aux_head=config.aux_head,
-      width=config.width, stem=config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar'),
-      dtype=jnp.dtype(config.dtype), remat=config.remat, local_loss=config.local_loss,
-      loss_weights=config.loss_weights)
+      split_points=split_points, mode=config.mode, aux_head=config.aux_head,
+      width=config.width, stem=stem, dtype=jnp.dtype(config.dtype), remat=config.remat,
+      local_loss=config.local_loss, loss_weights=config.loss_weights,
+      auglocal_depth=config.auglocal_depth)
   aux_flops = bw.aux_flop_fractions(model, image_shape)
   steps_per_epoch = data.steps_per_epoch(len(dataset.train_images), config.batch_size)
   if steps_per_epoch == 0:

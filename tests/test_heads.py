@@ -128,6 +128,14 @@ class ShapeAndFlopTest(parameterized.TestCase):
     self.assertTrue(all(u.parent is None for u in copies))
     self.assertEqual(len(heads.auglocal_units(units[14:], depth=5)), 2)
 
+  def test_auglocal_depth_reaches_the_model(self):
+    model = bw.build_model('resnet32', num_classes=10, num_blocks=4, aux_head='auglocal',
+                           auglocal_depth=3)
+    self.assertEqual([len(b.head.units) for b in model.blocks[:-1]], [3, 2, 2])
+    with self.assertRaisesRegex(UsageError, 'auglocal_depth must be at least 1'):
+      bw.build_model('resnet32', num_classes=10, num_blocks=4, aux_head='auglocal',
+                     auglocal_depth=0)
+
 
 class PerBlockHeadTest(parameterized.TestCase):
 

@@ -98,14 +98,27 @@ class EndToEndTest(absltest.TestCase):
       self.assertGreater(plot.size[0], 500)
 
 
-  def test_no_augmentation_and_its_old_spelling(self):
+  def test_no_augmentation_activation_split_and_auglocal_depth(self):
+    import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+    from bwbpf_jax import data  # pylint: disable=g-import-not-at-top
     workdir = self.create_tempdir().full_path
-    proc = run_main('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2',
-                    '--max_steps=1', '--batch_size=32', '--noaugment', f'--workdir={workdir}')
+    proc = run_main('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=3',
+                    '--max_steps=1', '--batch_size=32', '--noaugment', '--split_by=activations',
+                    '--aux_head=auglocal', '--auglocal_depth=3', f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('augmentation none', proc.stdout)
-    self.assertEqual(json.load(open(os.path.join(workdir, 'results.json')))['config']['augment'],
-                     'none')
+    results = json.load(open(os.path.join(workdir, 'results.json')))
+    self.assertEqual(results['config']['augment'], 'none')
+    shape = data.load_dataset('digits').image_shape
+    points = bw.activation_balanced_split_points('vgg11', 3, shape, batch_size=32, width=0.125)
+    self.assertEqual(results['split_points'], list(points))
+    self.assertNotEqual(points, bw.build_model('vgg11', num_classes=10,
+                                               num_blocks=3).split_points)
+    fraction = lambda depth: bw.aux_flop_fractions(bw.build_model(
+        'vgg11', num_classes=10, split_points=points, aux_head='auglocal', width=0.125,
+        auglocal_depth=depth), shape)['total']
+    self.assertAlmostEqual(results['aux_flop_fraction'], fraction(3), places=6)
+    self.assertNotAlmostEqual(results['aux_flop_fraction'], fraction(2), places=3)
 
   def test_reconstruction_loss_run_reports_the_heads_cost(self):
     workdir = self.create_tempdir().full_path
@@ -139,6 +152,9 @@ class BadInputTest(parameterized.TestCase):
       ('negative_width', ['--width=-1'], '--width must be positive'),
       ('stray_argument', ['train'], 'unexpected arguments'),
       ('blockwise_with_bp', ['--mode=bp', '--train_step=blockwise'], 'needs --mode=bwbpf'),
+      ('split_by_and_points', ['--split_by=activations', '--split_points=2'],
+       'drop --split_by=activations'),
+      ('bad_auglocal_depth', ['--auglocal_depth=0'], 'auglocal_depth must be at least 1'),
   )
   def test_flag_errors_are_one_line_and_exit_2(self, flags, expected):
     proc = run_main(*flags, '--max_steps=1', f'--workdir={self.create_tempdir().full_path}')

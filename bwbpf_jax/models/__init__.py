@@ -28,7 +28,7 @@ def architecture_units(arch: str, *, width: float = 1.0, stem: str = 'cifar',
 
 
 def make_head(name: str, num_classes: int, dtype=jnp.float32, *, following_units=(),
-              aux_index: int = 0, num_aux: int = 1):
+              aux_index: int = 0, num_aux: int = 1, auglocal_depth: int = 2):
   """One head; `auglocal` also needs the units after its block and its place among the aux heads.
 
   Args:
@@ -38,11 +38,15 @@ def make_head(name: str, num_classes: int, dtype=jnp.float32, *, following_units
     following_units: the backbone's units after this block (copied, never shared, by `auglocal`).
     aux_index, num_aux: this block's index among the K-1 auxiliary blocks, and K-1
       (`auglocal`'s depth falls linearly with it).
+    auglocal_depth: units copied into the first auxiliary block's `auglocal` network
+      (AugLocal's depth hyperparameter; later blocks get fewer).
   """
   if name not in heads.HEADS:
     raise UsageError(f'unknown auxiliary head {name!r}; choose one of {", ".join(HEADS)}')
   if name == 'auglocal':
-    depth = heads.auglocal_depth(aux_index, num_aux)
+    if auglocal_depth < 1:
+      raise UsageError(f'--auglocal_depth must be at least 1, got {auglocal_depth}')
+    depth = heads.auglocal_depth(aux_index, num_aux, max_depth=auglocal_depth)
     return heads.AugLocalHead(num_classes, units=heads.auglocal_units(following_units, depth),
                               dtype=dtype)
   return heads.HEADS[name](num_classes, dtype=dtype)
