@@ -10,8 +10,10 @@ needs: arguments + outputs + temporaries - donated buffers; for the block-wise
 step, every block's state plus the largest single block call's other buffers).
 Where the peak goes: baseline_rss_bytes is the worker's resident memory before
 the model exists (interpreter, JAX, XLA:CPU, oneDNN), state_bytes every
-block's parameters, BatchNorm statistics and optimizer state; the rest of the
-peak is the step's buffers, compiled code and the allocator's slack.
+block's parameters, BatchNorm statistics and optimizer state, ready_rss_bytes
+the resident memory when the step is compiled and about to run (baseline,
+states, compiled programs, the compiler's and the allocator's leftovers); the
+peak above it is the step's own buffers.
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
 images_per_sec on a shared CPU; load_avg_1m says how shared it was.
 
@@ -181,21 +183,25 @@ def measure_jax(mode: str) -> dict:
     batch['pixels'] = jnp.asarray(rng.integers(0, 256, size=shape), jnp.uint8)
   targets = step_lib.loss_targets(batch)
   blockwise = model.mode == 'bwbpf' and FLAGS.train_step != 'fused' and model.num_blocks > 1
+  # The timed step runs the executables whose memory is reported (each program compiled
+  # once, as in training: a second copy of the compiled code would inflate peak RSS).
   if blockwise:
-    step = bw.make_blockwise_train_step(model, tx)
-    memory, x = 0, batch['image']
+    block_steps, memory, x = [], 0, batch['image']
     for block, state in zip(model.blocks, states):
       compiled = jax.jit(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
                          donate_argnums=(0,), **step_lib.jit_options(model)).lower(
                              state, x, targets).compile()
+      block_steps.append(compiled)
       memory = max(memory, _memory_bytes(compiled) - _tree_bytes(state))
       x = jax.eval_shape(lambda s, x, l, b=block: step_lib.block_train_step(b, tx, s, x, l),
                          state, x, targets)[1]
     memory += _tree_bytes(states)
+    step = step_lib.chain_block_steps(block_steps)
   else:
-    step = bw.make_train_step(model, tx)
-    memory = _memory_bytes(step.lower(states, batch).compile())
+    step = bw.make_train_step(model, tx).lower(states, batch).compile()
+    memory = _memory_bytes(step)
   state_bytes = _tree_bytes(states)
+  ready_rss = harness.current_rss_bytes()
   timing, states = harness.time_steps(lambda states: step(states, batch)[0], states,
                                       steps=FLAGS.steps)
   images_per_sec = timing.per_second(FLAGS.batch_size)
@@ -210,6 +216,7 @@ def measure_jax(mode: str) -> dict:
           'cpu_seconds_per_step': timing.cpu_seconds_per_call,
           'step_memory_bytes': memory, 'platform': jax.default_backend(),
           'baseline_rss_bytes': baseline_rss, 'state_bytes': state_bytes,
+          'ready_rss_bytes': ready_rss,
           'aux_flop_fraction': bw.aux_flop_fractions(model, shape[1:])['total'],
           'split_points': list(model.split_points),
           'device': device_kind,

@@ -155,6 +155,10 @@ PRESETS = {
                               batch_size=128, lr=0.05, warmup_epochs=1),
     'cpu_cifar10_resnet18': dict(dataset='imagefolder', arch='resnet18', width=0.25, epochs=3,
                                  batch_size=128, lr=0.05, warmup_epochs=1),
+    # He et al.'s CIFAR ResNet-32 at half width (8/16/32 channels): the local-learning
+    # literature's network on the same budget.
+    'cpu_cifar10_resnet32': dict(dataset='imagefolder', arch='resnet32', width=0.5, epochs=3,
+                                 batch_size=128, lr=0.05, warmup_epochs=1),
 }
 
 _FIELDS = {field.name: field for field in dataclasses.fields(Config)}

@@ -1,10 +1,17 @@
-"""The benchmark's FLOP count, which its MFU figures rest on."""
+"""The benchmark's FLOP count, which its MFU figures rest on, and its command line."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 
 import bwbpf_jax as bw
 from benchmarks import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _vgg11_forward_flops(width: float, size: int, batch: int, model) -> int:
@@ -35,3 +42,29 @@ def test_forward_flops_match_a_hand_count():
   by_hand = _vgg11_forward_flops(0.25, 32, 2, model)
   # One convention counted two ways (the traced network, the architecture table): equal.
   assert counted == by_hand, (counted, by_hand)
+
+
+def _bench(*flags):
+  return subprocess.run([sys.executable, '-m', 'benchmarks.bench', '--arch=vgg11', '--width=0.125',
+                         '--batch_size=4', '--num_blocks=3', '--modes=bwbpf', '--steps=1',
+                         *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_activation_split_is_measured_with_its_cut():
+  proc = _bench('--split_by=activations')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('{')][0])
+  expected = bw.activation_balanced_split_points('vgg11', 3, (32, 32, 3), batch_size=4,
+                                                 width=0.125)
+  assert result['split_points'] == list(expected) and result['split_by'] == 'activations'
+  assert expected != bw.build_model('vgg11', num_classes=10, num_blocks=3).split_points
+  assert result['step'] == 'blockwise' and result['step_memory_bytes'] > result['state_bytes']
+  assert result['images_per_sec'] > 0
+  assert (result['baseline_rss_bytes'] < result['ready_rss_bytes']
+          <= result['peak_rss_bytes']), result
+
+
+def test_the_pytorch_peer_refuses_a_cut_it_does_not_have():
+  proc = _bench('--split_by=activations', '--nojax', '--compare_torch')
+  assert proc.returncode != 0
+  assert 'cuts at stages only' in proc.stderr
