@@ -5,7 +5,8 @@ r"""Tabulates finished runs: one markdown row per workdir, means over seeds.
 Reads each workdir's results.json; runs that differ only in --seed share a row,
 which reports the mean and the per-seed values of the output head's test error,
 and per-seed wall time and throughput (which depend on how busy the machine was).
-Runs placed differently on devices (--parallel) get rows of their own.
+Runs that differ in any other setting (--parallel, --auglocal_depth, --split_by,
+--remat, ...) get rows of their own.
 """
 
 import collections
@@ -15,13 +16,20 @@ import sys
 
 import numpy as np
 
-_SEED_FREE = ('dataset', 'arch', 'width', 'mode', 'num_blocks', 'aux_head', 'local_loss', 'epochs',
-              'batch_size', 'lr')
-_DEFAULTS = {'local_loss': 'xent'}  # Fields that results.json of older runs lack.
+from experiments import config as config_lib
+
+# Fields that change nothing the run computes; every other config field separates rows.
+_NOT_COMPUTED = ('seed', 'data_dir')
+
+
+def _config(run) -> dict:
+  """The run's full config, with today's defaults for fields an older results.json lacks."""
+  return config_lib.config_from_json(json.dumps(run['config'])).to_dict()
 
 
 def _seed_free(run) -> tuple:
-  return tuple(run['config'].get(k, _DEFAULTS.get(k)) for k in _SEED_FREE)
+  return tuple((k, json.dumps(v)) for k, v in sorted(_config(run).items())
+               if k not in _NOT_COMPUTED)
 
 
 def load(workdirs):
@@ -53,18 +61,22 @@ def table(runs) -> str:
            '| every head\'s test acc % (mean over seeds) | wall time s (per seed) '
            '| train img/s (per seed) |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for (key, engine), group in groups.items():
-    config = dict(zip(_SEED_FREE, key))
+  for (_, engine), group in groups.items():
+    config = _config(group[0])
     errors = [100 * (1 - r['test_accuracy']) for r in group]
     heads = np.mean([r['block_test_accuracy'] for r in group], axis=0) * 100
     per_seed = lambda name, fmt: ', '.join(fmt.format(r[name]) for r in group)
-    head = config['aux_head'] + ('' if config['local_loss'] == 'xent' else
-                                 f', {config["local_loss"]}')
+    head = config['aux_head'] + ('' if config['auglocal_depth'] == 2 or
+                                 config['aux_head'] != 'auglocal' else
+                                 f' depth {config["auglocal_depth"]}')
+    head += '' if config['local_loss'] == 'xent' else f', {config["local_loss"]}'
+    blocks = str(config['num_blocks']) + ('' if config['split_by'] == 'stages' else
+                                          f' (by {config["split_by"]})')
     if group[0].get('aux_flop_fraction') is not None:
       head += f' ({100 * group[0]["aux_flop_fraction"]:.1f}% FLOPs)'
     lines.append(
         f'| {config["dataset"]} | {config["arch"]} x{config["width"]} | {config["mode"]} | '
-        f'{config["num_blocks"]} | {head} | {config["epochs"]} | '
+        f'{blocks} | {head} | {config["epochs"]} | '
         f'{config["batch_size"]} | {engine} | '
         f'{np.mean(errors):.2f} ({", ".join(f"{e:.2f}" for e in errors)}) | '
         f'{" / ".join(f"{h:.1f}" for h in heads)} | {per_seed("wall_time_s", "{:.0f}")} | '

@@ -53,6 +53,17 @@ class SummarizeTest(absltest.TestCase):
     self.assertLen(rows, 2)
     self.assertTrue(any('| infopro, xent_recon (5.4% FLOPs) |' in row for row in rows), rows)
 
+  def test_every_other_setting_separates_rows(self):
+    root = self.create_tempdir().full_path
+    workdirs = [_write_run(root, 'a', 0.9, seed=0, aux_head='auglocal'),
+                _write_run(root, 'b', 0.8, seed=1, aux_head='auglocal', auglocal_depth=3),
+                _write_run(root, 'c', 0.7, seed=0, split_by='activations'),
+                _write_run(root, 'd', 0.6, seed=0, remat=True)]
+    rows = summarize.table(summarize.load(workdirs)).splitlines()[2:]
+    self.assertLen(rows, 4)
+    self.assertTrue(any('| auglocal depth 3 |' in row for row in rows), rows)
+    self.assertTrue(any('| 4 (by activations) |' in row for row in rows), rows)
+
   def test_no_results_is_exit_2(self):
     self.assertEqual(summarize.main(['summarize', self.create_tempdir().full_path]), 2)
 
