@@ -61,6 +61,7 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('num_classes', 10, 'Classes.')
 flags.DEFINE_integer('num_blocks', 4, 'K.')
+# bwbpf_jax.cost.SPLIT_BY, spelled out: the PyTorch worker must not import JAX.
 flags.DEFINE_enum('split_by', 'stages', ('stages', 'activations'), 'The cut into K blocks '
                   '(experiments.main\'s --split_by; the PyTorch peer has stages).')
 flags.DEFINE_string('aux_head', 'linear', 'Auxiliary head (JAX only; the PyTorch peer has linear).')
@@ -165,11 +166,9 @@ def measure_jax(mode: str) -> dict:
   layers.onednn_runs_convolutions()  # Starts the backend and loads oneDNN before the baseline.
   baseline_rss = harness.current_rss_bytes()
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
-  split_points = None
-  if FLAGS.split_by == 'activations':
-    split_points = bw.activation_balanced_split_points(
-        FLAGS.arch, FLAGS.num_blocks, shape[1:], batch_size=FLAGS.batch_size, width=FLAGS.width,
-        dtype=jnp.dtype(FLAGS.dtype))
+  split_points = bw.cost.split_points_by(FLAGS.split_by, FLAGS.arch, FLAGS.num_blocks, shape[1:],
+                                         batch_size=FLAGS.batch_size, width=FLAGS.width,
+                                         dtype=jnp.dtype(FLAGS.dtype))
   model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
                          split_points=split_points, mode=mode.removesuffix(REMAT_SUFFIX),
                          width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype), remat=remat,

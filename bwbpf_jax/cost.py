@@ -139,3 +139,17 @@ def activation_balanced_split_points(arch: str, num_blocks: int, input_shape, *,
   costs = unit_activation_bytes(arch, input_shape, batch_size=batch_size, width=width,
                                 stem=stem, dtype=dtype)
   return balanced_split_points(costs, num_blocks)
+
+
+# Where build_model's blocks end: 'stages' is the paper's cut (partition.default_split_points),
+# 'activations' balances the blocks' activation memory (activation_balanced_split_points).
+SPLIT_BY = ('stages', 'activations')
+
+
+def split_points_by(split_by: str, arch: str, num_blocks: int, input_shape, *, batch_size: int,
+                    width: float = 1.0, stem: str = 'cifar', dtype=jnp.float32):
+  """`build_model`'s split_points for a cut named in `SPLIT_BY` (None: the paper's default)."""
+  if split_by == 'stages':
+    return None
+  return activation_balanced_split_points(arch, num_blocks, input_shape, batch_size=batch_size,
+                                          width=width, stem=stem, dtype=dtype)

@@ -8,10 +8,9 @@ import dataclasses
 import json
 from typing import Optional
 
+from bwbpf_jax.cost import SPLIT_BY
 from bwbpf_jax.data.pipeline import AUGMENTATIONS
 from bwbpf_jax.errors import UsageError
-
-SPLIT_BY = ('stages', 'activations')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,10 +196,11 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   image_shape = dataset.image_shape
   stem = config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar')
   split_points = config.split_points
-  if config.split_by == 'activations':
-    split_points = bw.activation_balanced_split_points(
-        config.arch, config.num_blocks, image_shape, batch_size=config.batch_size,
-        width=config.width, stem=stem, dtype=jnp.dtype(config.dtype))
+  if split_points is None:  # Config refuses split_points with a split_by other than 'stages'.
+    split_points = bw.cost.split_points_by(
+        config.split_by, config.arch, config.num_blocks, image_shape,
+        batch_size=config.batch_size, width=config.width, stem=stem,
+        dtype=jnp.dtype(config.dtype))
   model = bw.build_model(
       config.arch, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
       split_points=split_points, mode=config.mode, aux_head=config.aux_head,
