@@ -146,9 +146,34 @@ def _infopro_presets() -> dict:
   return presets
 
 
+# AugLocal's CIFAR-10 recipe (Ma et al., ICLR 2024; its reference code's README, run.sh
+# and train.py): InfoPro's optimiser, schedule and data pipeline for 400 epochs, and one
+# layer per local module (the stem, then each residual unit). Its `--local_module_num L
+# --aux_net_depth d` trains L - d modules: the first L - d - 1 layers each with an
+# augmented auxiliary network of pyramidal depth (coefficient 0.5, our default), and the
+# last d + 1 layers together as the output block, since no d layers follow them. The
+# README's runs: ResNet-32 at L=16, d=2; ResNet-110 at L=55, d=3.
+_AUGLOCAL_RUNS = {'resnet32': (16, 2), 'resnet110': (55, 3)}
+
+
+def _auglocal_presets() -> dict:
+  """`auglocal_cifar10_<arch>`: AugLocal's README runs (CIFAR-10 through tfds)."""
+  presets = {}
+  for arch, (modules, depth) in _AUGLOCAL_RUNS.items():
+    num_blocks = modules - depth
+    presets[f'auglocal_cifar10_{arch}'] = dict(
+        dataset='cifar10', arch=arch, num_blocks=num_blocks,
+        split_points=tuple(range(1, num_blocks)), mode='bwbpf', aux_head='auglocal',
+        auglocal_depth=depth, local_loss='xent', width=1.0, epochs=400, batch_size=1024,
+        optimizer='sgd', lr=0.8, momentum=0.9, nesterov=True, weight_decay=1e-4,
+        warmup_epochs=10)
+  return presets
+
+
 PRESETS = {
     **_paper_presets(),
     **_infopro_presets(),
+    **_auglocal_presets(),
     # The equal-budget CPU comparison of docs/results.md (on the CIFAR-10 JPEG copy).
     'cpu_cifar10_vgg11': dict(dataset='imagefolder', arch='vgg11', width=0.25, epochs=3,
                               batch_size=128, lr=0.05, warmup_epochs=1),

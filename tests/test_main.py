@@ -334,6 +334,30 @@ class ConfigTest(absltest.TestCase):
                      (13, 27, 41))
     self.assertEqual(config_lib.infopro_split_points([(0, 0), (3, 16)], 18), (1, 54))
 
+  def test_auglocal_presets_follow_its_recipe(self):
+    import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    config = config_lib.make_config({}, 'auglocal_cifar10_resnet32')
+    self.assertEqual(
+        (config.lr, config.batch_size, config.epochs, config.nesterov, config.momentum,
+         config.weight_decay, config.warmup_epochs, config.aux_head, config.local_loss,
+         config.auglocal_depth),
+        (0.8, 1024, 400, True, 0.9, 1e-4, 10, 'auglocal', 'xent', 2))
+    # `--local_module_num 16 --aux_net_depth 2`: 13 one-layer modules with heads (the stem,
+    # then 12 residual units), the last 3 units with the output layer.
+    model = bw.build_model('resnet32', num_classes=10, split_points=config.split_points,
+                           aux_head=config.aux_head, auglocal_depth=config.auglocal_depth)
+    self.assertEqual(bw.partition.block_unit_counts(model), (1,) * 13 + (3,))
+    # Pyramidal depth: 2 falling towards 1.5 (Python rounds 1.5 to 2), as AugLocal's list.
+    self.assertEqual([len(b.head.units) for b in model.blocks[:-1]], [2] * 13)
+    config = config_lib.make_config({}, 'auglocal_cifar10_resnet110')
+    model = bw.build_model('resnet110', num_classes=10, split_points=config.split_points,
+                           aux_head=config.aux_head, auglocal_depth=config.auglocal_depth)
+    self.assertEqual(bw.partition.block_unit_counts(model), (1,) * 51 + (4,))
+    self.assertEqual([len(b.head.units) for b in model.blocks[:-1]],
+                     [max(1, round(3 * (1 - k * 0.5 / 50) + k * 0.5 / 50)) for k in range(51)])
+    self.assertEqual([len(b.head.units) for b in model.blocks[:-1]][::25], [3, 2, 2])
+
 
 if __name__ == '__main__':
   absltest.main()
