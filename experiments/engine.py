@@ -75,12 +75,16 @@ def make_engine(config: Config, model, tx, image_shape) -> Engine:
     return _data_engine(config, model, tx)
   if kind == 'blocks':
     return _blocks_engine(config, model, tx, image_shape)
+  if jax.process_count() > 1:
+    raise bw.UsageError(f'--parallel=none trains on one device, so each of the '
+                        f'{jax.process_count()} processes would train a model of its own; '
+                        f'use --parallel=data or blocks')
   train_step = (bw.make_blockwise_train_step(model, tx, skip_nonfinite=skip)
                 if _use_blockwise(config, model)
                 else bw.make_train_step(model, tx, skip_nonfinite=skip))
   return Engine(name='none', num_devices=1, put_states=jax.device_put,
                 put_batch=jax.device_put, train_step=train_step,
-                eval_step=bw.make_eval_step(model), feed_slice=parallel.process_info())
+                eval_step=bw.make_eval_step(model))
 
 
 def _use_blockwise(config: Config, model) -> bool:
@@ -106,6 +110,11 @@ def _data_engine(config: Config, model, tx) -> Engine:
 
 
 def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
+  if jax.process_count() > 1 and config.batch_size % jax.device_count():
+    # Checked here, not at the first evaluation, which comes after an epoch of training.
+    raise bw.UsageError(f'--batch_size={config.batch_size}: with several processes the '
+                        f'evaluation splits each batch over all {jax.device_count()} devices; '
+                        f'use a multiple of {jax.device_count()}')
   # Raises UsageError for modes whose gradients cross blocks and for stage counts
   # the blocks or the devices cannot take.
   plan = parallel.make_stage_plan(model, tx, image_shape, config.pipeline_stages)

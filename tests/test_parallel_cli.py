@@ -20,6 +20,7 @@ from absl.testing import absltest
 import numpy as np
 import pytest
 
+from bwbpf_jax.errors import UsageError
 from test_main import REPO, run_main
 from test_resume import _Background, _checkpoint_steps
 
@@ -178,6 +179,31 @@ class ParallelCommandLineTest(absltest.TestCase):
       self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
       self.assertLen(_stderr_lines(proc), 1, proc.stderr)
       self.assertIn(expected, proc.stderr)
+
+
+class MultiProcessEngineChecksTest(absltest.TestCase):
+  """Engine choices that several processes cannot use are refused before any training."""
+
+  def _make_engine(self, **overrides):
+    import jax  # pylint: disable=g-import-not-at-top
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    from experiments import engine  # pylint: disable=g-import-not-at-top
+    config = config_lib.make_config(overrides)
+    with mock.patch.object(jax, 'process_count', return_value=2), \
+         mock.patch.object(jax, 'device_count', return_value=8):
+      # The refusals come before the model, optimizer or devices are used.
+      return engine.make_engine(config, None, None, (32, 32, 3))
+
+  def test_one_device_engine_in_several_processes(self):
+    # Each process would train its own model on its share of every batch.
+    with self.assertRaisesRegex(UsageError, '--parallel=none trains on one device'):
+      self._make_engine(parallel='none')
+
+  def test_blocks_engine_checks_the_evaluation_batch_up_front(self):
+    # 12 is 2 micro-batches over 2 data rows, but multi-process evaluation splits a batch
+    # over all 8 devices: refused now, not after the first epoch's training.
+    with self.assertRaisesRegex(UsageError, 'evaluation splits each batch over all 8'):
+      self._make_engine(parallel='blocks', batch_size=12, microbatches=2, pipeline_stages=4)
 
 
 if __name__ == '__main__':

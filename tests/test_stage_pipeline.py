@@ -183,6 +183,22 @@ class MultiDeviceTest(parameterized.TestCase):
     two_rows = _train(states, batches, num_stages=4, num_rows=2)
     chex.assert_trees_all_close(two_rows, one_row, rtol=RTOL, atol=ATOL)
 
+  def test_contrastive_loss_is_pipelined_on_one_data_row_only(self):
+    # With 2 rows each would pair only its half of the micro-batch: another loss.
+    model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125,
+                           aux_head='infopro', local_loss='supcon')
+    _, tx, _ = _built()
+    plan = parallel.make_stage_plan(model, tx, IMAGE, 2)
+    for rows in (1, 2):
+      mesh = parallel.make_pipeline_mesh(2, jax.devices()[:2 * rows])
+      make = functools.partial(parallel.StagePipeline, model, tx, plan, mesh,
+                               num_microbatches=2, global_batch_size=16)
+      if rows == 1:
+        self.assertEqual(make().mesh.shape['data'], 1)
+      else:
+        with self.assertRaisesRegex(UsageError, 'contrastive loss pairs the examples'):
+          make()
+
   def test_two_stages_of_two_blocks_on_4_rows(self):
     model, tx, states = _built()
     batches = _batches(2)

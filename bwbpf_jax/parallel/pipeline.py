@@ -331,6 +331,12 @@ class StagePipeline:
                        f'--microbatches={num_microbatches} equal micro-batches over '
                        f'{mesh.shape[DATA_AXIS]} data-parallel rows; use a multiple of '
                        f'{divisor}')
+    if mesh.shape[DATA_AXIS] > 1 and any(b.loss.kind == 'supcon' for b in model.blocks):
+      # Each row would pair only its own share of the micro-batch: a different loss.
+      raise UsageError(f'the supervised contrastive loss pairs the examples of a whole '
+                       f'micro-batch, which the stage pipeline splits over '
+                       f'{mesh.shape[DATA_AXIS]} data rows; use one row (as many stages as '
+                       f'devices) or --parallel=data with it')
     self.model, self.tx, self.plan, self.mesh = model, tx, plan, mesh
     self.num_microbatches = num_microbatches
     # Data rows whose share of each batch this process feeds (all of them in one process).
