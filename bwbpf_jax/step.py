@@ -81,10 +81,10 @@ def supervised_contrastive_loss(embedding, labels, temperature: float = 0.07, ma
 def example_losses(block, outputs: dict, targets: dict):
   """Each example's local loss [B] for `block`, from its head's outputs; the one place losses live.
 
-  task_weight * (cross-entropy of 'logits', or the contrastive loss of 'embedding' plus
-  the linear probe's cross-entropy, whose input is detached) +
-  reconstruction_weight * binary cross-entropy of 'reconstruction' against the
-  unnormalised image, averaged over its pixels.
+  task_weight * cross-entropy of 'logits' (for 'supcon': task_weight * the contrastive
+  loss of 'embedding' + the linear probe's cross-entropy, unweighted, as its input is
+  detached and it trains only the probe) + reconstruction_weight * binary cross-entropy
+  of 'reconstruction' against the unnormalised image, averaged over its pixels.
   """
   spec, labels = block.loss, targets['label']
   xent = optax.softmax_cross_entropy_with_integer_labels(outputs['logits'], labels)
@@ -279,7 +279,7 @@ def make_blockwise_train_step(model: PartitionedModel, tx: optax.GradientTransfo
 
   Same update as `make_train_step` in bwbpf mode, but only one block's
   activations are alive at a time, which lowers peak memory roughly K-fold for
-  the activations (each call's inputs are donated). Dispatch is asynchronous, so
+  the activations (each call's block state is donated). Dispatch is asynchronous, so
   the host does not wait between blocks.
   """
   if model.mode != 'bwbpf':
