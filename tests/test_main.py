@@ -63,6 +63,12 @@ def _correct_from_checkpoint(workdir):
   return correct, count
 
 
+def _recipe(config, *more) -> tuple:
+  """The optimiser, schedule and head settings a literature preset must copy, in order."""
+  return tuple(getattr(config, name) for name in (
+      'lr', 'batch_size', 'epochs', 'nesterov', 'momentum', 'weight_decay', 'warmup_epochs',
+      'aux_head', 'local_loss') + more)
+
 class EndToEndTest(absltest.TestCase):
 
   def test_short_digits_run_writes_every_output(self):
@@ -323,9 +329,7 @@ class ConfigTest(absltest.TestCase):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
     config = config_lib.make_config({}, 'infopro_cifar10_resnet32_k4')
     self.assertEqual(
-        (config.lr, config.batch_size, config.epochs, config.nesterov, config.momentum,
-         config.weight_decay, config.warmup_epochs, config.aux_head, config.local_loss,
-         config.loss_weights),
+        _recipe(config, 'loss_weights'),
         (0.8, 1024, 160, True, 0.9, 1e-4, 10, 'infopro', 'supcon_recon', (6.0, 0.0, 1.0, 2.0)))
     # InfoPro's ResNet-32 K=4 ends blocks after layers (1, 2), (2, 1), (3, 0): 4 modules each.
     model = bw.build_model('resnet32', num_classes=10, split_points=config.split_points)
@@ -338,11 +342,8 @@ class ConfigTest(absltest.TestCase):
     import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
     config = config_lib.make_config({}, 'auglocal_cifar10_resnet32')
-    self.assertEqual(
-        (config.lr, config.batch_size, config.epochs, config.nesterov, config.momentum,
-         config.weight_decay, config.warmup_epochs, config.aux_head, config.local_loss,
-         config.auglocal_depth),
-        (0.8, 1024, 400, True, 0.9, 1e-4, 10, 'auglocal', 'xent', 2))
+    self.assertEqual(_recipe(config, 'auglocal_depth'),
+                     (0.8, 1024, 400, True, 0.9, 1e-4, 10, 'auglocal', 'xent', 2))
     # `--local_module_num 16 --aux_net_depth 2`: 13 one-layer modules with heads (the stem,
     # then 12 residual units), the last 3 units with the output layer.
     model = bw.build_model('resnet32', num_classes=10, split_points=config.split_points,
