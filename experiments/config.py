@@ -185,7 +185,9 @@ PRESETS = {
                                  batch_size=128, lr=0.05, warmup_epochs=1),
 }
 
-_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
+# The names of Config's fields, in declaration order: what a flag, a preset or a stored
+# config.json may set.
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Config))
 
 
 def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
@@ -193,7 +195,7 @@ def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
   if preset is not None and preset not in PRESETS:
     raise UsageError(f'unknown preset {preset!r}; see --helpfull or experiments/config.py '
                      f'(e.g. {", ".join(list(PRESETS)[:2])}, ...)')
-  unknown = set(overrides) - set(_FIELDS)
+  unknown = set(overrides) - set(FIELD_NAMES)
   if unknown:
     raise UsageError(f'unknown config fields: {", ".join(sorted(unknown))}')
   preset_values = PRESETS.get(preset, {})
@@ -252,4 +254,4 @@ def config_from_json(text: str) -> Config:
   for name in ('split_points', 'loss_weights'):
     if values.get(name) is not None:
       values[name] = tuple(values[name])
-  return Config(**{k: v for k, v in values.items() if k in _FIELDS})
+  return Config(**{k: v for k, v in values.items() if k in FIELD_NAMES})

@@ -163,7 +163,7 @@ _NOT_CONFIG = ('preset', 'workdir', 'checkpoint_every', 'resume_from', 'overwrit
 
 def _given_flags() -> dict:
   """The configuration flags set on the command line, as Config fields."""
-  names = [field for field in config_lib._FIELDS if field in FLAGS]  # pylint: disable=protected-access
+  names = [field for field in config_lib.FIELD_NAMES if field in FLAGS]
   values = {name: FLAGS[name].value for name in names
             if FLAGS[name].present and name not in _NOT_CONFIG}
   if 'split_points' in values:

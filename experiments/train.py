@@ -204,14 +204,13 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   last_step = min(schedule_steps, config.stop_at_step or schedule_steps)
   # Block-parallel pipelines make one optimizer step per micro-batch.
   updates_per_batch = optimizer_steps_per_batch(config)
+  # Built once: the optimizer trains with it and the records log the rate from it.
   learning_rate = bw.optimizers.learning_rate_schedule(
       config.lr, total_steps=schedule_steps * updates_per_batch,
       warmup_steps=warmup_steps * updates_per_batch)
-  tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr,
-                         total_steps=schedule_steps * updates_per_batch,
+  tx = bw.make_optimizer(config.optimizer, learning_rate=learning_rate,
                          momentum=config.momentum, weight_decay=config.weight_decay,
-                         nesterov=config.nesterov,
-                         warmup_steps=warmup_steps * updates_per_batch)
+                         nesterov=config.nesterov)
 
   # Checks the device setup before anything is saved.
   engine = make_engine(config, model, tx, image_shape)

@@ -48,6 +48,9 @@ class WorkdirLock:
     self.created_folder = None
     folder = os.path.abspath(workdir)
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+      if os.path.lexists(folder):  # The workdir, or a folder on its path, is a file.
+        what = 'is a file' if folder == os.path.abspath(workdir) else f'is under the file {folder}'
+        raise bw.UsageError(f'workdir {workdir} {what}, not a folder; use another --workdir')
       self.created_folder, folder = folder, os.path.dirname(folder)
     self.kept = False
     try:
@@ -107,7 +110,7 @@ def check_workdir(config: Config, workdir: str, overwrite: bool):
       raise bw.UsageError(f'{config_path} is not a readable config ({e}); use another '
                           f'--workdir or --overwrite') from None
     differ = [f'{name} {getattr(stored, name)!r} != {getattr(config, name)!r}'
-              for name in config_lib._FIELDS  # pylint: disable=protected-access
+              for name in config_lib.FIELD_NAMES
               if name not in RESUMABLE_FIELDS and getattr(stored, name) != getattr(config, name)]
     if differ:
       raise bw.UsageError(f'workdir {workdir} holds a run with a different config '

@@ -306,6 +306,21 @@ class OptimizerTest(parameterized.TestCase):
       lrs.append(-float(updates['w'][0]))
     np.testing.assert_allclose(lrs, [0.1, 0.085355, 0.05, 0.014645, 0.0], atol=1e-6)
 
+  def test_a_given_schedule_is_the_rate_that_trains(self):
+    """A schedule passed in is used as it is, so the loop logs the rate it trains with."""
+    schedule = lambda count: 0.1 / (count + 1.0)  # Not a cosine: a rebuilt schedule would differ.
+    tx = bw.make_optimizer('sgd', learning_rate=schedule, weight_decay=0.0, momentum=0.0)
+    params = {'w': jnp.array([0.0])}
+    state, lrs = tx.init(params), []
+    for _ in range(3):
+      updates, state = tx.update({'w': jnp.array([1.0])}, state, params)
+      lrs.append(-float(updates['w'][0]))
+    np.testing.assert_allclose(lrs, [schedule(t) for t in range(3)], rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, 'fixes its own steps'):
+      bw.make_optimizer('sgd', learning_rate=schedule, total_steps=10)
+    with self.assertRaisesRegex(ValueError, 'needs total_steps'):
+      bw.make_optimizer('sgd', learning_rate=0.1)
+
   def test_unknown_optimizer(self):
     with self.assertRaisesRegex(UsageError, 'unknown optimizer'):
       bw.make_optimizer('lion', total_steps=10)
