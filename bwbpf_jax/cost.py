@@ -18,8 +18,8 @@ import optax
 
 from bwbpf_jax import models
 from bwbpf_jax.models import layers
-from bwbpf_jax.parallel.sizing import balanced_split_points
 from bwbpf_jax.partition import PartitionedModel
+from bwbpf_jax.splits import balanced_split_points
 from bwbpf_jax.state import abstract_block_states
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bwbpf_jax import models
+from bwbpf_jax import splits
 from bwbpf_jax.errors import UsageError
 
 # bwbpf: every block's input is detached; each block learns from its own head only.
@@ -135,7 +136,8 @@ def default_split_points(stage_of_unit: Sequence[int], num_blocks: int) -> tuple
   """The paper's partition: cut at stage boundaries, then cut the largest stages further.
 
   With K at most the number of stages S, keep the K-1 stage boundaries that make the
-  largest block (in units) smallest. With K > S every stage boundary is kept and the
+  largest block (in units) smallest (`splits.balanced_split_points` over the stage
+  sizes, with its tie-break: the earliest boundaries). With K > S every stage boundary is kept and the
   K-S extra blocks go one at a time to the stage with the most units per block
   (earlier stage on ties), each stage then split evenly.
   """
@@ -146,7 +148,8 @@ def default_split_points(stage_of_unit: Sequence[int], num_blocks: int) -> tuple
   stage_sizes = [stage_of_unit.count(s) for s in sorted(set(stage_of_unit))]
   stage_starts = [sum(stage_sizes[:s]) for s in range(len(stage_sizes))]
   if num_blocks <= len(stage_sizes):
-    return _best_stage_boundaries(stage_sizes, stage_starts, num_blocks)
+    first_stages = splits.balanced_split_points(stage_sizes, num_blocks)
+    return tuple(stage_starts[s] for s in first_stages)
   blocks_per_stage = [1] * len(stage_sizes)
   for _ in range(num_blocks - len(stage_sizes)):
     stage = max(range(len(stage_sizes)),
@@ -158,23 +161,6 @@ def default_split_points(stage_of_unit: Sequence[int], num_blocks: int) -> tuple
       points.append(start)
     points.extend(_split_evenly(start, size, blocks_per_stage[s]))
   return tuple(points)
-
-
-def _best_stage_boundaries(stage_sizes, stage_starts, num_blocks) -> tuple:
-  """Groups S stages into K contiguous groups minimising the largest group (a tiny DP)."""
-  num_stages = len(stage_sizes)
-  # best[k][s]: (largest group, cuts) for the first s stages in k groups.
-  best = {(0, 0): (0, ())}
-  for k in range(1, num_blocks + 1):
-    for s in range(k, num_stages + 1):
-      options = []
-      for prev in range(k - 1, s):
-        if (k - 1, prev) in best:
-          largest, cuts = best[(k - 1, prev)]
-          group = sum(stage_sizes[prev:s])
-          options.append((max(largest, group), cuts + ((stage_starts[prev],) if prev else ())))
-      best[(k, s)] = min(options)
-  return best[(num_blocks, num_stages)][1]
 
 
 def validate_split_points(split_points: Sequence[int], num_units: int) -> tuple:

@@ -5,7 +5,8 @@
   ('data', 'stage') mesh (`StagePipeline`).
 - `dispatch`: the earlier one-process block pipeline, dispatched from the host.
 - `hosts`: joining a multi-process run.
-- `sizing`: per-block times, projected pipeline speed-up, balanced split points.
+- `sizing`: per-block times, projected pipeline speed-up (and `bwbpf_jax.splits`'s
+  `balanced_split_points`, re-exported).
 """
 
 from bwbpf_jax.parallel.data_parallel import (DATA_AXIS, data_sharding,

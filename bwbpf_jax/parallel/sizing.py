@@ -1,7 +1,9 @@
-"""Sizing a block pipeline: per-block times, projected speed-up, balanced split points.
+"""Sizing a block pipeline: per-block times and the projected speed-up.
 
 The slowest stage bounds a pipeline's throughput, so blocks (or units) are
-grouped to make the largest group's cost as small as possible.
+grouped to make the largest group's cost as small as possible; that search is
+`bwbpf_jax.splits.balanced_split_points`, re-exported here and as
+`parallel.balanced_split_points` for the pipeline and the benchmarks.
 """
 
 import functools
@@ -10,12 +12,13 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import numpy as np
 import optax
 
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.partition import PartitionedModel
+# Re-exported: parallel.pipeline and the benchmarks import the split search from here.
+from bwbpf_jax.splits import balanced_split_points  # pylint: disable=unused-import
 
 
 def per_block_step_times(model: PartitionedModel, tx: optax.GradientTransformation,
@@ -77,44 +80,3 @@ def projected_pipeline_speedup(block_times: Sequence[float],
   if num_microbatches < 1:
     raise UsageError(f'num_microbatches must be at least 1, got {num_microbatches}')
   return num_microbatches * total / (total + (num_microbatches - 1) * slowest)
-
-
-def balanced_split_points(unit_costs: Sequence[float], num_blocks: int) -> tuple:
-  """Split points cutting units into `num_blocks` contiguous blocks with the smallest largest cost.
-
-  The pipeline runs at the pace of its costliest block, so the cut minimises
-  max_k sum(unit_costs in block k) (a dynamic programme over prefixes, O(K n^2)).
-  Among the optimal cuts the one with the earliest split points is returned, so
-  ties go the same way every time. Costs are the units' own (include the stem's
-  in unit 0's and the classifier's in the last unit's if they matter).
-
-  Args:
-    unit_costs: n non-negative costs, e.g. seconds or FLOPs per unit.
-    num_blocks: K, between 1 and n.
-
-  Returns:
-    K-1 increasing unit indices where blocks 1..K-1 start (as `build_model`'s
-    `split_points`).
-  """
-  costs = [float(c) for c in unit_costs]
-  num_units = len(costs)
-  if not 1 <= num_blocks <= num_units:
-    raise UsageError(f'cannot cut {num_units} units into {num_blocks} blocks')
-  if any(not np.isfinite(c) or c < 0 for c in costs):
-    raise UsageError(f'unit costs must be finite and non-negative, got {costs}')
-  prefix = np.concatenate([[0.0], np.cumsum(costs)]).tolist()
-  cost = lambda start, stop: prefix[stop] - prefix[start]
-  # largest[k][i]: smallest possible largest block when units i..n-1 form k blocks.
-  largest = [[float('inf')] * (num_units + 1) for _ in range(num_blocks + 1)]
-  largest[0][num_units] = 0.0
-  for k in range(1, num_blocks + 1):
-    for i in range(num_units - k, -1, -1):
-      largest[k][i] = min(max(cost(i, j), largest[k - 1][j])
-                          for j in range(i + 1, num_units - k + 2))
-  best = largest[num_blocks][0]
-  points, start = [], 0
-  for k in range(num_blocks, 1, -1):
-    start = next(j for j in range(start + 1, num_units - k + 2)
-                 if cost(start, j) <= best and largest[k - 1][j] <= best)
-    points.append(start)
-  return tuple(points)
