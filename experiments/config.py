@@ -9,7 +9,7 @@ import json
 from typing import Optional
 
 from bwbpf_jax.cost import SPLIT_BY
-from bwbpf_jax.data.pipeline import AUGMENTATIONS
+from bwbpf_jax.data.batches import AUGMENTATIONS
 from bwbpf_jax.errors import UsageError
 
 

@@ -11,9 +11,9 @@ Nothing here imports JAX: batches are numpy until `put` moves them.
 """
 
 from bwbpf_jax.data.datasets import DATASET_NAMES, Dataset, load_dataset
-from bwbpf_jax.data.pipeline import (AUGMENTATIONS, Prefetcher, crop_and_flip, eval_batches,
-                                     normalization_stats, normalize, prefetch, steps_per_epoch,
-                                     train_batches)
+from bwbpf_jax.data.batches import (AUGMENTATIONS, Prefetcher, crop_and_flip, eval_batches,
+                                    normalization_stats, normalize, prefetch, steps_per_epoch,
+                                    train_batches)
 
 __all__ = [
     'AUGMENTATIONS', 'DATASET_NAMES', 'Dataset', 'Prefetcher', 'crop_and_flip', 'eval_batches',

@@ -1,7 +1,7 @@
 """Whole datasets as numpy arrays in host memory.
 
 Every dataset this project trains on fits in memory (CIFAR-10 is 180 MB as
-uint8), so the loaders return plain arrays and the pipeline (`pipeline.py`)
+uint8), so the loaders return plain arrays and `batches.py`
 shuffles, augments and batches them with numpy. Images stay uint8
 [N, H, W, C] until a batch is made, and labels are int32 [N].
 
