@@ -23,6 +23,7 @@ import pytest
 from bwbpf_jax.errors import UsageError
 from test_main import REPO, run_main
 from test_resume import _Background, _checkpoint_steps
+pytestmark = pytest.mark.slow
 
 # 1437 digits for training: 44 steps of 32 or 89 of 16 per epoch. No augmentation and
 # no warm-up, so a batch of 32 cut into 2 micro-batches is the same data, at nearly the

@@ -27,6 +27,7 @@ import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
 from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
+pytestmark = pytest.mark.slow
 
 IMAGE = (16, 16, 3)
 # Agreement of two programs' float32 trajectories over a few updates (see the docstring).
