@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import bwbpf_jax as bw
 from benchmarks import bench
@@ -50,6 +51,7 @@ def _bench(*flags):
                          *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_activation_split_is_measured_with_its_cut():
   proc = _bench('--split_by=activations')
   assert proc.returncode == 0, proc.stderr[-2000:]

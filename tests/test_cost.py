@@ -4,6 +4,7 @@ from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import bwbpf_jax as bw
 from bwbpf_jax import cost
@@ -47,6 +48,7 @@ class ActivationBalancedSplitTest(absltest.TestCase):
     self.assertEqual(balanced[:2], (1, 2))  # The stem and unit 1 alone, then unit 2 alone.
     self.assertLess(_largest(counts, balanced), 0.6 * _largest(counts, stages))
 
+  @pytest.mark.slow
   def test_compiled_block_steps_need_less_memory(self):
     """XLA's own account: the largest block-wise call is smaller with the balanced cut."""
     shape = (16, 32, 32, 3)

@@ -234,6 +234,7 @@ class LossTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, "need the unnormalised images under 'pixels'"):
       bw.eval_step(model, states, batch)
 
+  @pytest.mark.slow
   def test_eval_step_uses_the_local_loss_and_masks_padding(self):
     model, _, states = _setup('infopro', 'supcon_recon')
     batch = _batch()

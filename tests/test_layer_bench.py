@@ -27,6 +27,7 @@ def test_resnet18_counts_strided_and_projection_convolutions():
   assert sum(s.count for s in shapes if s.stride == (2, 2)) == 6
 
 
+@pytest.mark.slow
 def test_jax_and_torch_compute_the_same_kernel_gradient():
   pytest.importorskip('torch')
   proc = subprocess.run(

@@ -69,6 +69,7 @@ def _recipe(config, *more) -> tuple:
       'lr', 'batch_size', 'epochs', 'nesterov', 'momentum', 'weight_decay', 'warmup_epochs',
       'aux_head', 'local_loss') + more)
 
+@pytest.mark.slow
 class EndToEndTest(absltest.TestCase):
 
   def test_short_digits_run_writes_every_output(self):

@@ -5,9 +5,13 @@ import os
 from absl.testing import absltest
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'notebooks', 'bwbpf_colab_tpu.ipynb')
+
+# Runs the whole notebook in a kernel of its own: minutes, not an edit-test loop's seconds.
+pytestmark = pytest.mark.slow
 
 
 class NotebookTest(absltest.TestCase):

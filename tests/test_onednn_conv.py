@@ -12,6 +12,7 @@ import chex
 import jax
 from jax import lax
 import jax.numpy as jnp
+import pytest
 
 from bwbpf_jax.models import layers
 from bwbpf_jax.models import onednn_conv
@@ -159,6 +160,7 @@ class LibraryConvolutionTest(absltest.TestCase):
     self.assertIn('no C++ compiler (no-such-compiler)', result.stderr)
 
 
+@pytest.mark.slow  # Compiles the library with g++.
 class CachedBuildTest(absltest.TestCase):
 
   def test_an_empty_cached_library_is_rebuilt_and_used(self):

@@ -21,6 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import bwbpf_jax as bw
 from bwbpf_jax import parallel
@@ -148,11 +149,13 @@ class SingleProcessTest(parameterized.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertEqual(result.stdout.strip().splitlines()[-1], '(0, 1) False')
 
+  @pytest.mark.slow
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     if jax.device_count() >= NUM_DEVICES:
       self.skipTest('MultiDeviceTest runs directly in this session')
     run_on_fake_devices(self, __file__, MultiDeviceTest)
 
+  @pytest.mark.slow
   def test_two_processes_train_as_one_on_the_global_batch(self):
     spec = importlib.util.spec_from_file_location('parallel_worker', WORKER)
     parallel_worker = importlib.util.module_from_spec(spec)

@@ -19,6 +19,8 @@ from absl.testing import absltest
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test here runs the command line, some several times.
+pytestmark = pytest.mark.slow
 
 # 22 steps per epoch at this batch size; steps take ~0.1 s on 2 CPU cores. The runs stop
 # at step 40 of the digits default's 12-epoch schedule (264 steps).

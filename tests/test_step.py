@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import bwbpf_jax as bw
 from bwbpf_jax import parallel
@@ -125,6 +126,7 @@ def _counting(step_fn, traced):
 
 class TrainStepTest(parameterized.TestCase):
 
+  @pytest.mark.slow
   def test_every_step_maker_traces_once_over_several_calls(self):
     """The fused, block-wise and data-parallel makers trace their step once, not per call.
 
@@ -208,6 +210,7 @@ class TrainStepTest(parameterized.TestCase):
                                    states[k].params['units_0']['Conv_0']['kernel']), k)
 
 
+@pytest.mark.slow
 class RematTest(parameterized.TestCase):
   """Gradient checkpointing (`build_model(remat=True)`) changes memory, never the update."""
 
