@@ -187,10 +187,12 @@ class TrainStepTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'isolated blocks'):
       bw.make_blockwise_train_step(model, tx)
 
-  def test_skip_nonfinite_leaves_only_the_bad_block_unchanged(self):
+  @parameterized.named_parameters(('fused', bw.make_train_step),
+                                  ('blockwise', bw.make_blockwise_train_step))
+  def test_skip_nonfinite_leaves_only_the_bad_block_unchanged(self, make_step):
     model, tx, states = _setup('vgg11', 3, 'bwbpf')
     batch = _batch()
-    train_step = bw.make_train_step(model, tx, skip_nonfinite=True, donate=False)
+    train_step = make_step(model, tx, skip_nonfinite=True, donate=False)
     clean_states, clean_metrics = train_step(states, batch)
     np.testing.assert_array_equal(clean_metrics['skipped'], [0, 0, 0])
     # A NaN in block 1's head only: blocks 0 and 2 must still update.
