@@ -6,9 +6,12 @@ r"""Parallel training speed measured with real parallel workers: processes, one 
 prints one JSON line per configuration. The configurations run one after
 another, never two at once, each in fresh processes. Every process is pinned
 to its own CPU core before JAX starts (CPU affinity: XLA and oneDNN size their
-thread pools from it), with XLA's multi-threaded Eigen kernels off
-(`--xla_cpu_multi_thread_eigen=false`), so one process keeps one core busy;
-`cpu_per_wall` shows that it did.
+thread pools from it), so one process keeps at most one core busy;
+`cpu_per_wall` shows that it did. Affinity alone is what caps a process at
+its core: XLA:CPU on jax 0.10.2 starts 13 threads in a process pinned to one
+core and 17 on two, with or without `--xla_cpu_multi_thread_eigen=false`;
+that flag is set as well, so Eigen's kernels do not cut their work into tasks
+for threads that would only take turns on the one core.
 
 Why processes and not fake devices: fake CPU devices in one process
 (`--xla_force_host_platform_device_count`) share XLA:CPU's one intra-op thread
@@ -76,6 +79,7 @@ speed-up (fill and drain of the M micro-batches included, transfers not) of
 the default split points and of `parallel.balanced_split_points`.
 """
 
+import ctypes
 import inspect
 import json
 import math
@@ -479,7 +483,7 @@ def _host_dispatch_worker(split_points, cores) -> dict:
   timing, _ = _time(lambda states: step(states, batch)[0], states)
   fields = _programs_fields(compiled, blockwise=True)
   if fields['xla_memory_per_device']:
-    # One block per device (K <= P): a device's memory is its block's program's.
+    # Block k runs on device k mod P: a device needs its blocks' programs, not the sums.
     fields['xla_memory_per_device']['aggregation'] = (
         'block k runs on device k mod P; per_block gives each program; the sums are what '
         'one device would need for all blocks')
@@ -564,6 +568,18 @@ def _last_line(path: str) -> str:
   return lines[-1] if lines else 'no output'
 
 
+def _die_with_parent():
+  """In a worker, before it starts: the kernel kills it if the driver dies (Linux).
+
+  The driver kills its workers when one fails; this covers the driver itself
+  being killed, so no worker is left waiting for its peers in a collective.
+  """
+  try:
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
 def _stop(proc):
   """Kills a worker and whatever it started (its own process group), then reaps it."""
   if proc.poll() is None:
@@ -592,7 +608,8 @@ def run_workers(argvs: list, timeout_s: float) -> list:
         outputs.append((out, err))
         with open(out, 'w') as stdout, open(err, 'w') as stderr:
           procs.append(subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=repo,
-                                        start_new_session=True))
+                                        start_new_session=True,
+                                        preexec_fn=_die_with_parent))
       deadline = time.monotonic() + timeout_s
       while any(proc.poll() is None for proc in procs):
         failed = [i for i, proc in enumerate(procs) if proc.poll() not in (None, 0)]
