@@ -136,7 +136,8 @@ _SHARED_FLAGS = ('arch', 'width', 'image_size', 'batch_size', 'num_blocks', 'pro
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                 'collective-permute')
 _INSTRUCTION = re.compile(
-    r'^\s+(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$')
+    r'^\s+(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s'
+    r'(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$')
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*(?:\(.*)?\{\s*$')
 _CALLED = re.compile(r'\b(?:to_apply|body|condition|calls|true_computation|false_computation|'
                      r'branch_computations)=(\{[^}]*\}|%?[\w.\-]+)')
