@@ -46,6 +46,18 @@ def experiment(num_blocks=2):
   return model, tx, states, batches
 
 
+def same_microbatches_on_rows(batch, num_microbatches, num_rows):
+  """The batch whose pipeline micro-batches on `num_rows` data rows are those of `batch` on one.
+
+  With D rows, micro-batch m is the m-th part of each row's share; this
+  reorders examples so that it holds examples [m B/M, (m+1) B/M) of `batch`.
+  """
+  def reorder(x):
+    x = x.reshape((num_microbatches, num_rows, -1) + x.shape[1:]).swapaxes(0, 1)
+    return x.reshape((-1,) + x.shape[3:])
+  return {name: reorder(value) for name, value in batch.items()}
+
+
 def params_leaves(block_states) -> list:
   """Every block's parameters as host arrays, in a fixed order."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -92,6 +104,9 @@ def main():
     states = pipeline.init(states)
     index, count = parallel.process_feed_slice(mesh)
     put = pipeline.shard_batch
+    # The same micro-batches on any number of data rows: micro-batch m is examples
+    # [m B/M, (m+1) B/M) of the global batch, as with one row (see StagePipeline.shard_batch).
+    batches = [same_microbatches_on_rows(batch, 2, mesh.shape['data']) for batch in batches]
   local = GLOBAL_BATCH_SIZE // count
   for batch in batches:
     local_batch = {name: value[index * local:(index + 1) * local]

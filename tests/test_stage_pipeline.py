@@ -29,6 +29,7 @@ from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
 from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
+from parallel_worker import same_microbatches_on_rows
 
 IMAGE = (16, 16, 3)
 # Agreement of two programs' float32 trajectories over a few updates (see the docstring).
@@ -57,19 +58,6 @@ def _synchronous(model, tx, states, batches, num_microbatches):
   return jax.device_get(states)
 
 
-def _data_row_order(batch, num_microbatches, num_rows):
-  """The batch whose pipeline micro-batches on `num_rows` data rows are those of `batch` on one.
-
-  With D rows, micro-batch m is the m-th part of each row's share (see
-  `StagePipeline.shard_batch`); this reorders examples so that it holds
-  examples [m B/M, (m+1) B/M) of `batch`, as with one row.
-  """
-  def reorder(x):
-    x = x.reshape((num_microbatches, num_rows, -1) + x.shape[1:]).swapaxes(0, 1)
-    return x.reshape((-1,) + x.shape[3:])
-  return {name: reorder(value) for name, value in batch.items()}
-
-
 @functools.lru_cache(maxsize=None)
 def _pipeline(num_stages, num_rows, num_microbatches=2, global_batch_size=16,
               batch_norm='global', skip_nonfinite=False):
@@ -93,7 +81,8 @@ def _train(states, batches, *, num_stages, num_rows, poison_bubbles=False, **opt
   if poison_bubbles:  # What the stages read in bubble slots: it must change nothing.
     state = state.replace(activations=jnp.full_like(state.activations, jnp.nan))
   for batch in batches:
-    state, _ = pipeline.step(state, pipeline.shard_batch(_data_row_order(batch, 2, num_rows)))
+    batch = same_microbatches_on_rows(batch, 2, num_rows)
+    state, _ = pipeline.step(state, pipeline.shard_batch(batch))
   state, _ = pipeline.drain(state)
   return pipeline.host_block_states(state.stages)
 
@@ -233,6 +222,11 @@ class OneDeviceTest(parameterized.TestCase):
         stage = next(iter(r['stages']))
         np.testing.assert_allclose(r['stages'][stage], one[0]['stages'][stage],
                                    rtol=RTOL, atol=ATOL)
+
+
+def _stage_digests(pipeline, state):
+  return [bytes(d) for d in pipeline.block_summaries(state.stages,
+                                                     checkpoint.block_params_digest)]
 
 
 class MultiDeviceTest(parameterized.TestCase):
