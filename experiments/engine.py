@@ -45,8 +45,11 @@ class Engine:
   and the last step's metrics with that work's folded in. `feed_slice` is
   (index, count): which slice of every global batch this process feeds.
 
-  What the loop needs of the states beyond training, without assuming where
-  they live: `save_checkpoint(manager, step, states, meta) -> path`,
+  The states are whatever `put_states` returns (a tuple of `BlockState`s for
+  'none' and 'data', a `parallel.PipelineState` for 'blocks'); the loop never
+  looks inside them, and no engine keeps state of its own between calls. What
+  the loop needs of the states beyond training, without assuming where they
+  live: `save_checkpoint(manager, step, states, meta) -> path`,
   `restore_checkpoint(manager, step, block_target) -> (placed states, meta)`
   (`block_target`: the K abstract block states), `block_digests(states)` (each
   block's `checkpoint.block_params_digest`) and `finite_blocks(states)` (whether

@@ -25,8 +25,9 @@ from test_main import REPO, run_main
 from test_resume import _Background, _checkpoint_steps
 
 # 1437 digits for training: 44 steps of 32 or 89 of 16 per epoch. No augmentation and
-# no warm-up, so a batch of 32 cut into 2 micro-batches is the same data, at nearly the
-# same learning rate (cosine over 12 x 88 against 12 x 89 steps), as two batches of 16.
+# no warm-up, so a batch of 32 cut into 2 micro-batches is the same data, at the same
+# learning rates, as two batches of 16: --max_steps=N fits the cosine schedule to N
+# batches, which the pipeline turns into N x 2 updates (--max_steps=2N at batch 16).
 SMALL = ('--dataset=digits', '--arch=vgg11', '--width=0.125', '--num_blocks=2', '--noaugment',
          '--warmup_epochs=0', '--checkpoint_every=0')
 
