@@ -59,6 +59,7 @@ Per-block metrics are summed per stage on its devices and gathered once per
 call (a few floats per block), outside the switch.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -600,24 +601,20 @@ class StagePipeline:
     stage = lax.axis_index(STAGE_AXIS)
     forwards = [functools.partial(self._stage_forward, s) for s in range(num_stages)]
     updates = [functools.partial(self._stage_update, s) for s in range(num_stages)]
-    # Per-row batch statistics need no collective inside the switch.
-    global_stats = self.batch_norm == 'global'
+    # Per-row batch statistics need no collective inside the switch; global ones do.
+    statistics = lambda: (layers.batch_stats_over(DATA_AXIS) if self.batch_norm == 'global'
+                          else contextlib.nullcontext())
 
     def tick(carry, item, fed):
       state, x, x_labels, x_valid, sums, count = carry
       first = stage == 0
       labels = jnp.where(first, item['label'], x_labels)
       valid = jnp.where(first, fed, x_valid)
-      with layers.per_device_code():
-        # XLA:CPU runs its own convolutions about 20x slower inside a conditional; oneDNN's
-        # (a custom call, fine in this per-device code) keep their speed there.
-        if global_stats:
-          with layers.batch_stats_over(DATA_AXIS):
-            grads, stats, out, losses, accuracies = lax.switch(
-                stage, forwards, state, item['image'], x, labels)
-        else:
-          grads, stats, out, losses, accuracies = lax.switch(
-              stage, forwards, state, item['image'], x, labels)
+      # XLA:CPU runs its own convolutions about 20x slower inside a conditional; oneDNN's
+      # (a custom call, fine in this per-device code) keep their speed there.
+      with layers.per_device_code(), statistics():
+        grads, stats, out, losses, accuracies = lax.switch(
+            stage, forwards, state, item['image'], x, labels)
       # Rows' running statistics differ under 'rows' (and are equal under 'global'): their
       # mean keeps every row's state the same, as the out_specs declare.
       grads, stats, losses, accuracies = lax.pmean((grads, stats, losses, accuracies),
