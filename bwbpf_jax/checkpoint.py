@@ -15,14 +15,17 @@ complete, so a save cut short (a killed process, a full disk) leaves a
 Silent corruption of a finished checkpoint (a flipped byte in a data file reads
 back without error) is caught by the stored digest.
 
-States are fetched to the host before saving, so states placed on one device,
-replicated over many, or spread block by block over several all save the same
-way; `restore` returns host (numpy) arrays for the caller to place.
+Block states are fetched to the host before saving, so states placed on one
+device or replicated over many save the same way; `restore` returns host
+(numpy) arrays for the caller to place. States sharded over devices of several
+processes (the stage pipeline's packed stages) are saved as they are, each
+process writing its own shards, with a digest the caller computes from its
+shards (`digest=`); nothing is gathered.
 """
 
 import hashlib
 import os
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -68,36 +71,44 @@ def step_path(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(int(step)))
 
 
-def save(manager: ocp.CheckpointManager, step: int, block_states, meta: Optional[dict] = None
-         ) -> str:
+def save(manager: ocp.CheckpointManager, step: int, states, meta: Optional[dict] = None,
+         digest: Optional[str] = None) -> str:
   """Writes the checkpoint of `step` and waits until it is final; returns its path.
 
   Args:
     manager: from `make_manager`; every process of a multi-process run calls this.
     step: the number of steps the states have taken; must be newer than every
       checkpoint in the manager (delete newer ones first to branch off an older one).
-    block_states: tuple of K `BlockState`, on any devices.
+    states: tuple of K `BlockState`, on any devices, fetched to the host; or, with
+      `digest`, a pytree of (possibly sharded) arrays saved shard by shard.
     meta: JSON-serialisable loop position, returned as is by `restore`.
+    digest: the states' digest, for states this process cannot read whole.
   """
-  host_states = jax.device_get(block_states)
-  record = {'step': int(step), 'state_sha256': tree_digest(host_states), 'meta': meta or {}}
+  if digest is None:
+    states = jax.device_get(states)
+    digest = tree_digest(states)
+  record = {'step': int(step), 'state_sha256': digest, 'meta': meta or {}}
   manager.save(int(step), force=True, args=ocp.args.Composite(**{
-      _STATE: ocp.args.StandardSave(host_states),
+      _STATE: ocp.args.StandardSave(states),
       _RECORD: ocp.args.JsonSave(record)}))
   manager.wait_until_finished()
   return step_path(manager, step)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, target) -> tuple:
+def restore(manager: ocp.CheckpointManager, step: int, target,
+            digest_fn: Optional[Callable[[Any], str]] = None) -> tuple:
   """Reads the checkpoint of `step` into the structure of `target`.
 
   Args:
     manager: from `make_manager`.
     step: one of `steps(manager)`.
-    target: shapes and dtypes of the states, e.g. `abstract_block_states(...)`.
+    target: shapes and dtypes of the states, e.g. `abstract_block_states(...)`;
+      with shardings, the arrays are read shard by shard onto those devices.
+    digest_fn: the digest of the restored states, for states saved with `digest=`
+      (default: `tree_digest` of their host copy, which is then returned).
 
   Returns:
-    (block states as host arrays, the `meta` given to `save`).
+    (states: host arrays, or global arrays with `digest_fn`; the `meta` given to `save`).
 
   Raises:
     UsageError naming the checkpoint's path when it is missing, unreadable, of
@@ -111,7 +122,9 @@ def restore(manager: ocp.CheckpointManager, step: int, target) -> tuple:
     restored = manager.restore(int(step), args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardRestore(target),
         _RECORD: ocp.args.JsonRestore()}))
-    host_states = jax.device_get(restored[_STATE])
+    states = restored[_STATE]
+    if digest_fn is None:
+      states = jax.device_get(states)
     record = restored[_RECORD]
     stored_digest, stored_step, meta = record['state_sha256'], record['step'], record['meta']
   except Exception as e:  # pylint: disable=broad-except  (any failure means unreadable)
@@ -120,12 +133,12 @@ def restore(manager: ocp.CheckpointManager, step: int, target) -> tuple:
     raise UsageError(f'checkpoint {path} is unreadable or corrupt ({reason})') from e
   if stored_step != step:
     raise UsageError(f'checkpoint {path} is corrupt: it says it is step {stored_step}')
-  if jax.tree_util.tree_structure(host_states) != jax.tree_util.tree_structure(target):
+  if jax.tree_util.tree_structure(states) != jax.tree_util.tree_structure(target):
     raise UsageError(f'checkpoint {path} holds states of another structure than this model')
-  if tree_digest(host_states) != stored_digest:
+  if (digest_fn or tree_digest)(states) != stored_digest:
     raise UsageError(f'checkpoint {path} is corrupt: its arrays do not match the digest '
                      f'saved with them')
-  return host_states, meta
+  return states, meta
 
 
 def delete(manager: ocp.CheckpointManager, step: int):
@@ -148,14 +161,27 @@ def tree_digest(tree) -> str:
   return digest.hexdigest()
 
 
+def block_params_digest(block_state) -> np.ndarray:
+  """SHA-256 (32 bytes, uint8) of one block's params and batch_stats."""
+  return np.frombuffer(bytes.fromhex(tree_digest(
+      {'params': block_state.params, 'batch_stats': block_state.batch_stats})), np.uint8)
+
+
+def combine_block_digests(block_digests: Sequence) -> str:
+  """The run's `params_digest` from its blocks' `block_params_digest`s, in block order."""
+  return hashlib.sha256(b''.join(bytes(np.asarray(d, np.uint8)) for d in block_digests)
+                        ).hexdigest()
+
+
 def params_digest(block_states: Sequence) -> str:
   """SHA-256 of every block's params and batch_stats: equal only for bitwise equal networks.
 
   Optimizer state is left out: two runs that end with the same network have the
-  same digest, whatever their momentum buffers hold.
+  same digest, whatever their momentum buffers hold. Computed block by block
+  (`combine_block_digests`), so states whose blocks live in different
+  processes get the same digest without being gathered.
   """
-  return tree_digest([{'params': s.params, 'batch_stats': s.batch_stats}
-                      for s in block_states])
+  return combine_block_digests([block_params_digest(s) for s in block_states])
 
 
 def _list(values) -> str:

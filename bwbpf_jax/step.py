@@ -8,11 +8,15 @@ block input cuts every path from a later loss into block k. In `bp` mode the
 auxiliary heads see detached features, so the backbone's gradient is the output
 loss's alone.
 
-bwbpf-only variants run one block at a time: the block-wise step (one jitted
-`block_train_step` per block: each block's activations are freed before the
-next block's are made) and the block-parallel pipelines in `parallel/` (the
-SPMD stage pipeline differentiates `local_loss` per block inside its stages).
-They compute the same update as the fused step.
+bwbpf-only variants run one block at a time, all on the same two functions:
+`block_gradients` (one block's loss, gradient and new batch statistics) and
+`apply_block_update` (its optimizer step). The block-wise step jits
+`block_train_step` once per block, so each block's activations are freed before
+the next block's are made; it computes the fused step's update. The stage
+pipeline (`parallel.pipeline`) runs the same two functions inside its stages on
+micro-batches: it computes the block-wise step fed those micro-batches in turn.
+Parallel variants are these functions jitted with shardings (`state_sharding`,
+`batch_sharding` below), not copies of them.
 """
 
 import functools
@@ -28,6 +32,18 @@ from bwbpf_jax.state import BlockState
 # {'image': float [B, H, W, C], 'label': int [B], optional 'mask': float [B], optional
 #  'pixels': uint8 [B, H, W, C], the same images before normalisation (reconstruction target)}.
 Batch = dict
+
+
+def require_isolated(model: PartitionedModel, what: str):
+  """Raises UsageError unless `model`'s blocks are isolated (mode bwbpf).
+
+  Anything that trains blocks apart from each other (one jitted call per block,
+  stages on different devices) computes the right update only when no gradient
+  crosses a block boundary.
+  """
+  if model.mode != 'bwbpf':
+    raise UsageError(f'{what} needs isolated blocks (mode bwbpf), not mode {model.mode!r}: '
+                     f'in that mode gradients cross blocks')
 
 
 def needs_pixels(model: PartitionedModel) -> bool:
@@ -167,8 +183,13 @@ def apply_block_update(tx: optax.GradientTransformation, state: BlockState, grad
   return jax.tree_util.tree_map(lambda old, new: jnp.where(keep_old, old, new), state, new_state)
 
 
-def _accuracy(logits, labels):
-  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+def correct_predictions(logits, labels):
+  """float32 [B]: 1 where the head's top class is the label; the one definition of accuracy."""
+  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def accuracy(logits, labels):
+  return jnp.mean(correct_predictions(logits, labels))
 
 
 def train_step(model: PartitionedModel, tx: optax.GradientTransformation, block_states,
@@ -197,9 +218,25 @@ def train_step(model: PartitionedModel, tx: optax.GradientTransformation, block_
     skipped.append(jnp.zeros((), jnp.float32) if keep_old is None
                    else keep_old.astype(jnp.float32))
   metrics = {'loss': losses,
-             'accuracy': jnp.stack([_accuracy(o['logits'], batch['label']) for o in outputs]),
+             'accuracy': jnp.stack([accuracy(o['logits'], batch['label']) for o in outputs]),
              'skipped': jnp.stack(skipped)}
   return tuple(new_states), metrics
+
+
+def block_gradients(block, state: BlockState, x, targets):
+  """One block's local loss, its gradient and new batch statistics, on the block's input `x`.
+
+  The per-block half of every bwbpf step (block-wise, data-parallel, stage
+  pipeline); `apply_block_update` is the other half.
+
+  Returns:
+    (loss, grads (like state.params), new batch_stats, output features [B, ...]
+    (not detached), head outputs dict).
+  """
+  grad_fn = jax.value_and_grad(local_loss, argnums=1, has_aux=True)
+  (loss, (features, outputs, stats)), grads = grad_fn(block, state.params, state.batch_stats,
+                                                      x, _as_targets(targets))
+  return loss, grads, stats, features, outputs
 
 
 def block_train_step(block, tx: optax.GradientTransformation, state: BlockState, x, targets,
@@ -210,17 +247,29 @@ def block_train_step(block, tx: optax.GradientTransformation, state: BlockState,
   Returns (new state, detached output features for the next block, metrics of scalars).
   """
   targets = _as_targets(targets)
-  grad_fn = jax.value_and_grad(local_loss, argnums=1, has_aux=True)
-  (loss, (features, outputs, stats)), grads = grad_fn(block, state.params, state.batch_stats,
-                                                      x, targets)
-  logits = outputs['logits']
-  labels = targets['label']
+  loss, grads, stats, features, outputs = block_gradients(block, state, x, targets)
   keep_old = jnp.logical_not(all_finite(loss, grads)) if skip_nonfinite else None
   new_state = apply_block_update(tx, state, grads, stats, keep_old)
-  metrics = {'loss': loss, 'accuracy': _accuracy(logits, labels),
+  metrics = {'loss': loss, 'accuracy': accuracy(outputs['logits'], targets['label']),
              'skipped': (jnp.zeros((), jnp.float32) if keep_old is None
                          else keep_old.astype(jnp.float32))}
   return new_state, jax.lax.stop_gradient(features), metrics
+
+
+def block_eval_sums(block, state: BlockState, x, targets: dict):
+  """One block in inference mode: (output features, correct count, loss sum) over `mask`.
+
+  `targets` holds 'label' and 'mask' (float [B]: 1 real, 0 padding), and
+  'pixels' where the block reconstructs the image. Sums, so that batches,
+  micro-batches and devices add up.
+  """
+  features, outputs = _apply_block(
+      block, {'params': state.params, 'batch_stats': state.batch_stats}, x, targets,
+      train=False)
+  mask = targets['mask']
+  correct = jnp.sum(correct_predictions(outputs['logits'], targets['label']) * mask)
+  loss = jnp.sum(example_losses(block, outputs, targets) * mask)
+  return features, correct, loss
 
 
 def eval_step(model: PartitionedModel, block_states, batch: Batch):
@@ -234,11 +283,9 @@ def eval_step(model: PartitionedModel, block_states, batch: Batch):
   targets = {**loss_targets(batch), 'mask': mask}
   x, correct, loss = batch['image'], [], []
   for block, state in zip(model.blocks, block_states):
-    x, outputs = _apply_block(block, {'params': state.params, 'batch_stats': state.batch_stats},
-                              x, targets, train=False)
-    hits = (jnp.argmax(outputs['logits'], -1) == batch['label']).astype(jnp.float32)
-    correct.append(jnp.sum(hits * mask))
-    loss.append(jnp.sum(example_losses(block, outputs, targets) * mask))
+    x, block_correct, block_loss = block_eval_sums(block, state, x, targets)
+    correct.append(block_correct)
+    loss.append(block_loss)
   return {'correct': jnp.stack(correct), 'loss': jnp.stack(loss), 'count': jnp.sum(mask)}
 
 
@@ -257,37 +304,60 @@ def jit_options(model: PartitionedModel) -> dict:
   return {}
 
 
+def _shardings(state_sharding, batch_sharding, *, ins: tuple, outs) -> dict:
+  """jit's in/out_shardings from roles ('state' or 'batch' per argument and result).
+
+  `outs` is a tuple of roles for a tuple result, or one role for the whole
+  result. Without shardings, jit places everything (one device).
+  """
+  if state_sharding is None and batch_sharding is None:
+    return {}
+  role = {'state': state_sharding, 'batch': batch_sharding}
+  return {'in_shardings': tuple(role[r] for r in ins),
+          'out_shardings': role[outs] if isinstance(outs, str) else tuple(role[r] for r in outs)}
+
+
 def make_train_step(model: PartitionedModel, tx: optax.GradientTransformation, *,
-                    skip_nonfinite: bool = False, donate: bool = True):
+                    skip_nonfinite: bool = False, donate: bool = True,
+                    state_sharding=None, batch_sharding=None):
   """`train_step` jitted for this model: (block_states, batch) -> (block_states, metrics).
 
   The old block states are donated, so parameters and optimizer state are updated
-  in place in device memory.
+  in place in device memory. With shardings (e.g. states replicated and the
+  batch split over a mesh, `parallel.data_parallel`), the compiler partitions
+  this same step: the loss is the mean over the global batch, so gradients are
+  averaged over devices and BatchNorm takes global batch statistics.
   """
   fn = functools.partial(train_step, model, tx, skip_nonfinite=skip_nonfinite)
-  return jax.jit(fn, donate_argnums=(0,) if donate else (), **jit_options(model))
+  return jax.jit(fn, donate_argnums=(0,) if donate else (), **jit_options(model),
+                 **_shardings(state_sharding, batch_sharding, ins=('state', 'batch'),
+                              outs=('state', 'state')))
 
 
-def make_eval_step(model: PartitionedModel):
+def make_eval_step(model: PartitionedModel, *, state_sharding=None, batch_sharding=None):
   """`eval_step` jitted for this model: (block_states, batch) -> sums of metrics."""
-  return jax.jit(functools.partial(eval_step, model))
+  return jax.jit(functools.partial(eval_step, model),
+                 **_shardings(state_sharding, batch_sharding, ins=('state', 'batch'),
+                              outs='state'))
 
 
 def make_blockwise_train_step(model: PartitionedModel, tx: optax.GradientTransformation, *,
-                              skip_nonfinite: bool = False, donate: bool = True):
-  """A bwbpf step as K jitted calls, one block at a time.
+                              skip_nonfinite: bool = False, donate: bool = True,
+                              state_sharding=None, batch_sharding=None):
+  """A bwbpf step as K jitted calls of `block_train_step`, one block at a time.
 
   Same update as `make_train_step` in bwbpf mode, but only one block's
   activations are alive at a time, which lowers peak memory roughly K-fold for
   the activations (each call's block state is donated). Dispatch is asynchronous, so
-  the host does not wait between blocks.
+  the host does not wait between blocks. Shardings as in `make_train_step`: a
+  block's input, labels and output features go with the batch.
   """
-  if model.mode != 'bwbpf':
-    raise UsageError(f'the block-wise step needs isolated blocks (mode bwbpf), '
-                     f'not mode {model.mode!r}: in that mode gradients cross blocks')
+  require_isolated(model, 'the block-wise step')
+  sharded = _shardings(state_sharding, batch_sharding, ins=('state', 'batch', 'batch'),
+                       outs=('state', 'batch', 'state'))
   return chain_block_steps([
       jax.jit(functools.partial(block_train_step, block, tx, skip_nonfinite=skip_nonfinite),
-              donate_argnums=(0,) if donate else (), **jit_options(model))
+              donate_argnums=(0,) if donate else (), **jit_options(model), **sharded)
       for block in model.blocks])
 
 

@@ -57,6 +57,10 @@ class Config:
   parallel: str = 'auto'  # 'none', 'data', 'blocks', or 'auto'.
   microbatches: int = 4  # Pipeline depth for parallel='blocks'.
   pipeline_stages: Optional[int] = None  # Stages for parallel='blocks' (None: one per block).
+  # BatchNorm statistics in the stage pipeline over several data rows: 'rows' (each row
+  # its own micro-batch share; no collective inside a conditional) or 'global' (over all
+  # rows, inside the stage's switch branch). The same with one data row.
+  pipeline_batch_norm: str = 'rows'
   data_dir: Optional[str] = None
   # Skip (and count) a block's update when its loss or gradient is not finite, instead of
   # stopping the run. Changes nothing while every loss stays finite.
@@ -227,6 +231,7 @@ def _validate(config: Config):
     raise UsageError(f'--lr must be positive, got {config.lr}')
   choices = {'train_step': ('auto', 'fused', 'blockwise'),
              'parallel': ('auto', 'none', 'data', 'blocks'),
+             'pipeline_batch_norm': ('rows', 'global'),
              'dtype': ('float32', 'bfloat16'),
              'augment': AUGMENTATIONS,
              'split_by': SPLIT_BY}

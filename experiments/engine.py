@@ -14,7 +14,10 @@ The loop in train.py is the same for every engine; only placement differs.
   optimizer step, so the schedule is built for `optimizer_steps_per_batch`
   times the number of batches. The pipeline stays full from step to step;
   the loop `drain`s it where a segment ends (before evaluation, checkpoints
-  and the end), so states are then well defined.
+  and the end), so states are then well defined. Evaluation runs pipelined on
+  the same devices, checkpoints hold the stages' shards as they lie, and
+  digests and finiteness checks are computed by each stage's owner: no device
+  or process ever holds every stage's state.
 """
 
 import dataclasses
@@ -22,8 +25,10 @@ import functools
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
 import bwbpf_jax as bw
+from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
 from experiments.config import Config
 
@@ -37,9 +42,18 @@ class Engine:
   `eval_states` brings the states to where `eval_step` runs; the loop calls it
   once per evaluation, not per batch. `drain(states, last_metrics)` finishes
   work still in flight at the end of a segment of steps and returns the states
-  and the last step's metrics with that work's folded in. `host_states` gives
-  the K block states on the host (for checkpoints and results). `feed_slice`
-  is (index, count): which slice of every global batch this process feeds.
+  and the last step's metrics with that work's folded in. `feed_slice` is
+  (index, count): which slice of every global batch this process feeds.
+
+  The states are whatever `put_states` returns (a tuple of `BlockState`s for
+  'none' and 'data', a `parallel.PipelineState` for 'blocks'); the loop never
+  looks inside them, and no engine keeps state of its own between calls. What
+  the loop needs of the states beyond training, without assuming where they
+  live: `save_checkpoint(manager, step, states, meta) -> path`,
+  `restore_checkpoint(manager, step, block_target) -> (placed states, meta)`
+  (`block_target`: the K abstract block states), `block_digests(states)` (each
+  block's `checkpoint.block_params_digest`) and `finite_blocks(states)` (whether
+  each block's parameters are finite).
   """
   name: str
   num_devices: int
@@ -47,12 +61,36 @@ class Engine:
   put_batch: Callable
   train_step: Callable
   eval_step: Callable
+  save_checkpoint: Callable
+  restore_checkpoint: Callable
+  block_digests: Callable
+  finite_blocks: Callable
   eval_states: Callable = lambda states: states
   put_eval_batch: Optional[Callable] = None  # Default: put_batch.
   drain: Callable = lambda states, last_metrics: (states, last_metrics)
-  host_states: Callable = jax.device_get
   feed_slice: tuple = (0, 1)
   mesh_shape: Optional[dict] = None  # Axis name -> size, for results.json.
+  batch_norm: Optional[str] = None  # The stage pipeline's BatchNorm statistics.
+
+
+def _finite_params(block_state) -> bool:
+  return all(bool(np.all(np.isfinite(leaf)))
+             for leaf in jax.tree_util.tree_leaves(block_state.params))
+
+
+def _host_state_io(put_states) -> dict:
+  """Checkpoints, digests and checks of states every process can fetch whole (replicated)."""
+
+  def restore(manager, step, block_target):
+    states, meta = checkpoint.restore(manager, step, block_target)
+    return put_states(states), meta
+  return dict(
+      save_checkpoint=lambda manager, step, states, meta: checkpoint.save(
+          manager, step, states, meta),
+      restore_checkpoint=restore,
+      block_digests=lambda states: [checkpoint.block_params_digest(s)
+                                    for s in jax.device_get(states)],
+      finite_blocks=lambda states: [_finite_params(s) for s in jax.device_get(states)])
 
 
 def resolve_parallel(config: Config) -> str:
@@ -84,7 +122,7 @@ def make_engine(config: Config, model, tx, image_shape) -> Engine:
                 else bw.make_train_step(model, tx, skip_nonfinite=skip))
   return Engine(name='none', num_devices=1, put_states=jax.device_put,
                 put_batch=jax.device_put, train_step=train_step,
-                eval_step=bw.make_eval_step(model))
+                eval_step=bw.make_eval_step(model), **_host_state_io(jax.device_put))
 
 
 def _use_blockwise(config: Config, model) -> bool:
@@ -100,9 +138,9 @@ def _data_engine(config: Config, model, tx) -> Engine:
                         f'{mesh.size} devices (--parallel=data); use a multiple of {mesh.size}')
   make_step = (parallel.make_data_parallel_blockwise_train_step
                if _use_blockwise(config, model) else parallel.make_data_parallel_train_step)
+  put_states = lambda states: parallel.replicate(states, mesh)
   return Engine(
-      name='data', num_devices=mesh.size,
-      put_states=lambda states: parallel.replicate(states, mesh),
+      name='data', num_devices=mesh.size, put_states=put_states, **_host_state_io(put_states),
       put_batch=lambda batch: parallel.shard_batch(batch, mesh),
       train_step=make_step(model, tx, mesh, skip_nonfinite=config.skip_nonfinite),
       eval_step=parallel.make_data_parallel_eval_step(model, mesh),
@@ -110,11 +148,6 @@ def _data_engine(config: Config, model, tx) -> Engine:
 
 
 def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
-  if jax.process_count() > 1 and config.batch_size % jax.device_count():
-    # Checked here, not at the first evaluation, which comes after an epoch of training.
-    raise bw.UsageError(f'--batch_size={config.batch_size}: with several processes the '
-                        f'evaluation splits each batch over all {jax.device_count()} devices; '
-                        f'use a multiple of {jax.device_count()}')
   # Raises UsageError for modes whose gradients cross blocks and for stage counts
   # the blocks or the devices cannot take.
   plan = parallel.make_stage_plan(model, tx, image_shape, config.pipeline_stages)
@@ -122,36 +155,45 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
   pipeline = parallel.StagePipeline(model, tx, plan, mesh,
                                     num_microbatches=config.microbatches,
                                     global_batch_size=config.batch_size,
-                                    skip_nonfinite=config.skip_nonfinite)
-  last = {}  # The last step's per-block sums, which a drain's are added to.
+                                    skip_nonfinite=config.skip_nonfinite,
+                                    batch_norm=config.pipeline_batch_norm)
   per_step = functools.partial(parallel.step_metrics, num_microbatches=config.microbatches)
+  # Compiled now, not at the first segment's end, where it would count as training time.
+  drain_step = pipeline.drain.lower(pipeline.abstract_state()).compile()
 
   def train_step(states, batch):
     states, sums = pipeline.step(states, batch)
-    last['sums'] = sums
     return states, per_step(sums)
 
   def drain(states, last_metrics):
-    if plan.num_stages == 1 or 'sums' not in last:
+    if plan.num_stages == 1 or last_metrics is None:
       return states, last_metrics
-    states, tail = pipeline.drain(states)
-    return states, per_step(last.pop('sums'), tail)
+    states, tail = drain_step(states)
+    # step_metrics is linear in the sums: the last step's plus what the drain finished.
+    return states, {name: last_metrics[name] + value for name, value in per_step(tail).items()}
 
-  if jax.process_count() == 1:
-    # Evaluation is a small part of a run; on one device it needs no collectives, which on
-    # XLA:CPU's emulated devices can time out under load (a 40 s rendezvous limit).
-    eval_device = mesh.devices.flat[0]
-    eval_step, put_eval_batch = bw.make_eval_step(model), jax.device_put
-    eval_states = lambda states: jax.device_put(pipeline.block_states(states), eval_device)
-  else:
-    eval_mesh = parallel.make_mesh(devices=list(mesh.devices.flat))  # The same device order.
-    eval_step = parallel.make_data_parallel_eval_step(model, eval_mesh)
-    put_eval_batch = lambda batch: parallel.shard_batch(batch, eval_mesh)
-    eval_states = pipeline.block_states
+  def restore(manager, step, block_target):
+    del block_target  # The checkpoint holds packed stages.
+    target = {'stages': pipeline.abstract_state().stages}
+    saved, meta = checkpoint.restore(manager, step, target,
+                                     digest_fn=lambda tree: pipeline.stage_digest(tree['stages']))
+    return pipeline.with_stages(saved['stages']), meta
+
+  def finite(states):
+    flags = pipeline.block_summaries(states.stages,
+                                     lambda block: np.array([_finite_params(block)]))
+    return [bool(flag[0]) for flag in flags]
+
   return Engine(
       name='blocks', num_devices=mesh.size, put_states=pipeline.init,
       put_batch=pipeline.shard_batch, train_step=train_step,
-      eval_step=eval_step, eval_states=eval_states, put_eval_batch=put_eval_batch,
-      drain=drain,
-      host_states=lambda states: jax.device_get(pipeline.block_states(states)),
-      feed_slice=parallel.process_feed_slice(mesh), mesh_shape=dict(mesh.shape))
+      eval_step=pipeline.evaluate, put_eval_batch=pipeline.shard_batch, drain=drain,
+      save_checkpoint=lambda manager, step, states, meta: checkpoint.save(
+          manager, step, {'stages': states.stages}, meta,
+          digest=pipeline.stage_digest(states.stages)),
+      restore_checkpoint=restore,
+      block_digests=lambda states: pipeline.block_summaries(states.stages,
+                                                            checkpoint.block_params_digest),
+      finite_blocks=finite,
+      feed_slice=parallel.process_feed_slice(mesh), mesh_shape=dict(mesh.shape),
+      batch_norm=config.pipeline_batch_norm)

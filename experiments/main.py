@@ -133,6 +133,11 @@ flags.DEFINE_enum('parallel', _UNSET, ('auto', 'none', 'data', 'blocks'),
 flags.DEFINE_integer('pipeline_stages', _UNSET, 'Pipeline stages for --parallel=blocks '
                      '(default: one per block); contiguous blocks are grouped by cost, and '
                      'the device count must be a multiple of it (data = devices / stages).')
+flags.DEFINE_enum('pipeline_batch_norm', _UNSET, ('rows', 'global'),
+                  'BatchNorm statistics of --parallel=blocks over several data rows: rows '
+                  '(default; each data row normalises with its own statistics and no '
+                  'collective runs inside a conditional, safe on GPU/TPU) or global (over '
+                  'all rows, as --parallel=data; an all-reduce inside each stage\'s branch).')
 flags.DEFINE_integer('microbatches', _UNSET, 'Micro-batches per batch for --parallel=blocks '
                      '(each is an optimizer step).')
 flags.DEFINE_string('data_dir', _UNSET, 'Dataset folder (tfds data_dir or image folder).')

@@ -82,8 +82,8 @@ def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
   totals = None
   batches = data.eval_batches(dataset.test_images, dataset.test_labels,
                               batch_size=config.batch_size, mean=mean, std=std,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(), with_pixels=with_pixels)
+                              process_index=engine.feed_slice[0],
+                              process_count=engine.feed_slice[1], with_pixels=with_pixels)
   states = engine.eval_states(states)
   for batch in data.prefetch(batches, put=engine.put_eval_batch or engine.put_batch):
     sums = engine.eval_step(states, batch)
@@ -222,15 +222,17 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     start_step = _resume_step(manager, resume_from)
     if start_step is not None and start_step >= last_step:
       return _already_finished(workdir, start_step, last_step, log)
+    abstract_states = bw.abstract_block_states(model, tx, image_shape)
     if start_step is None:
-      states = bw.init_block_states(model, tx, jax.random.key(config.seed), image_shape)
+      states = engine.put_states(
+          bw.init_block_states(model, tx, jax.random.key(config.seed), image_shape))
       loop = LoopState()
     else:
-      states, loop = _restore(manager, start_step, model, tx, image_shape, config,
+      states, loop = _restore(engine, manager, start_step, abstract_states, config,
                               steps_per_epoch)
     log(f'{config.arch} on {config.dataset} {image_shape}: {model.num_blocks} blocks of '
         f'{list(bw.partition.block_unit_counts(model))} units, mode {config.mode}, '
-        f'{bw.backbone_param_count(model, states):,} backbone parameters, '
+        f'{bw.backbone_param_count(model, abstract_states):,} backbone parameters, '
         f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
     log(f'learning rate {config.lr:g}, {warmup_steps} warm-up steps, cosine decay to 0 at '
         f'step {schedule_steps}; augmentation {config.augment}')
@@ -244,14 +246,12 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
           f'{start_step / steps_per_epoch:.2f}) from {checkpoint.step_path(manager, start_step)}')
     if is_chief:
       truncate_metrics(workdir, start_step or 0)
-    states = engine.put_states(states)
     run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
                last_step, checkpoint_every, log, is_chief,
                lambda step: float(learning_rate(max(step * updates_per_batch - 1, 0))),
                progress_seconds, with_pixels=bw.step.needs_pixels(model))
     states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
-    host_states = engine.host_states(states)
-    run.check_finite_params(host_states, loop.step)
+    run.check_finite_params(states, loop.step)
     results = {
         'config': config.to_dict(),
         'test_accuracy': float(test_metrics['accuracy'][-1]),
@@ -260,10 +260,10 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
         'block_train_accuracy': train_metrics['accuracy'],
         'block_train_loss': train_metrics['loss'],
         'split_points': list(model.split_points),
-        'backbone_params': bw.backbone_param_count(model, host_states),
+        'backbone_params': bw.backbone_param_count(model, abstract_states),
         'aux_flop_fraction': aux_flops['total'],
         'aux_flop_fraction_per_head': aux_flops['per_head'],
-        'params_digest': checkpoint.params_digest(host_states),
+        'params_digest': checkpoint.combine_block_digests(engine.block_digests(states)),
         'skipped_updates': loop.skipped_updates,
         'steps': loop.step,
         'epochs_completed': loop.step / steps_per_epoch,
@@ -272,6 +272,8 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
         'mesh': engine.mesh_shape,
         'num_processes': jax.process_count(),
         'parallel': engine.name,
+        # The stage pipeline's BatchNorm statistics (None for the other engines).
+        'pipeline_batch_norm': engine.batch_norm,
         'images_per_sec': loop.timed_images / loop.train_seconds if loop.train_seconds else None,
         'wall_time_s': time.time() - wall_start,
         'platform': jax.default_backend(),
@@ -324,21 +326,21 @@ class _Run:
     path = checkpoint.step_path(self.manager, loop.step)
     if self.saved_step == loop.step:
       return path
-    host_states = self.engine.host_states(states)
-    self.check_finite_params(host_states, loop.step)
+    self.check_finite_params(states, loop.step)
     loop.wall_seconds = self.elapsed()
-    checkpoint.save(self.manager, loop.step, host_states,
-                    loop.to_meta(self.config, self.steps_per_epoch))
+    self.engine.save_checkpoint(self.manager, loop.step, states,
+                                loop.to_meta(self.config, self.steps_per_epoch))
     self.saved_step = loop.step
     return path
 
-  def check_finite_params(self, host_states, step: int):
+  def check_finite_params(self, states, step: int):
     """A checkpoint is good only if its parameters are finite (unless skipping is on)."""
     if self.config.skip_nonfinite:
       return
-    for k, state in enumerate(host_states):
-      if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params)):
-        raise NonFiniteError(f'non-finite parameters in block {k + 1} of {len(host_states)} '
+    finite = self.engine.finite_blocks(states)
+    for k, block_finite in enumerate(finite):
+      if not block_finite:
+        raise NonFiniteError(f'non-finite parameters in block {k + 1} of {len(finite)} '
                              f'after step {step}; not saved. {self.last_good()}')
 
   def last_good(self) -> str:
@@ -434,7 +436,9 @@ class _Run:
     """Writes the epoch's train record (and evaluates when due); resets the epoch's sums."""
     step, steps_per_epoch = loop.step, self.steps_per_epoch
     progress.clear()
-    train_metrics = {name: value / loop.train_count for name, value in loop.train_sums.items()}
+    # Means over the record's steps, but 'skipped': the updates skipped in its span.
+    train_metrics = {name: value if name == 'skipped' else value / loop.train_count
+                     for name, value in loop.train_sums.items()}
     loop.train_sums, loop.train_count = None, 0
     # images/s over the steps since the previous record that this process timed.
     seconds = loop.train_seconds - self.last_record[0]
@@ -520,11 +524,10 @@ def _resume_step(manager, resume_from) -> Optional[int]:
   return int(resume_from)
 
 
-def _restore(manager, step, model, tx, image_shape, config, steps_per_epoch):
-  """Block states (on the host) and loop state of checkpoint `step`, checked against the run."""
-  target = bw.abstract_block_states(model, tx, image_shape)
+def _restore(engine, manager, step, abstract_states, config, steps_per_epoch):
+  """Block states (placed by the engine) and loop state of checkpoint `step`, checked."""
   try:
-    states, meta = checkpoint.restore(manager, step, target)
+    states, meta = engine.restore_checkpoint(manager, step, abstract_states)
   except bw.UsageError as e:
     earlier = [s for s in checkpoint.steps(manager) if s < step]
     hint = (f'rerun with --resume_from=previous to resume from step {earlier[-1]}' if earlier

@@ -47,11 +47,12 @@ WORKER = os.path.join(REPO, 'tests', 'parallel_worker.py')
 
 
 def run_workers(out_dir: str, *, num_processes: int, local_devices: int,
-                engine: str = 'data') -> list:
+                engine: str = 'data', extra_args: tuple = ()) -> list:
   """Runs tests/parallel_worker.py as one multi-process JAX run on loopback.
 
-  Returns every process's JSON report, in process order, with its trained
-  parameters (host arrays) under 'params'.
+  Returns every process's JSON report, in process order, with what it wrote:
+  its trained parameters (host arrays) under 'params' (data engine), or the
+  packed states of the stages it holds under 'stages' ({stage: [L]}, pipeline).
   """
   import json  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -60,7 +61,8 @@ def run_workers(out_dir: str, *, num_processes: int, local_devices: int,
   workers = [subprocess.Popen(
       [sys.executable, WORKER, f'--coordinator=127.0.0.1:{port}',
        f'--num_processes={num_processes}', f'--process_id={i}',
-       f'--local_devices={local_devices}', f'--out_dir={out_dir}', f'--engine={engine}'],
+       f'--local_devices={local_devices}', f'--out_dir={out_dir}', f'--engine={engine}',
+       *extra_args],
       env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(num_processes)]
   outputs = []
@@ -77,6 +79,9 @@ def run_workers(out_dir: str, *, num_processes: int, local_devices: int,
     assert worker.returncode == 0, stderr[-3000:]
     report = json.loads(stdout.strip().splitlines()[-1])
     with np.load(os.path.join(out_dir, f'process_{report["process_index"]}.npz')) as saved:
-      report['params'] = [saved[f'arr_{i}'] for i in range(len(saved.files))]
+      report['params'] = [saved[f'arr_{i}'] for i in range(len(saved.files))
+                          if f'arr_{i}' in saved.files]
+      report['stages'] = {int(name[len('stage_'):]): saved[name] for name in saved.files
+                          if name.startswith('stage_')}
     reports.append(report)
   return reports

@@ -18,6 +18,7 @@ from bwbpf_jax import partition
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import heads
+import eval_cases
 
 IMAGE = (16, 16, 3)
 # Every head with cross-entropy, and every loss with InfoPro's head (and AugLocal's).
@@ -237,10 +238,15 @@ class LossTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_eval_step_uses_the_local_loss_and_masks_padding(self):
     model, _, states = _setup('infopro', 'supcon_recon')
+    eval_step = bw.make_eval_step(model)
+    # Padding each head gets right (tests/eval_cases.py): counted, it would change 'correct';
+    # as contrastive partners (block 0's loss is supcon + reconstruction), the losses of
+    # the real rows with positives (labels 2 1 3 2 2: three rows of class 2).
+    case = eval_cases.masked_eval_case(lambda b: eval_step(states, b), model, _batch(size=5),
+                                       num_padded=3)
+    chex.assert_trees_all_close(eval_step(states, case.batch), case.expected, rtol=1e-5,
+                                atol=1e-5)
     batch = _batch()
-    masked = bw.make_eval_step(model)(states, {**batch, 'mask': jnp.array([1.] * 5 + [0.] * 3)})
-    five = bw.make_eval_step(model)(states, jax.tree_util.tree_map(lambda x: x[:5], batch))
-    chex.assert_trees_all_close(masked, five, rtol=1e-5, atol=1e-5)
     # The auxiliary blocks' eval loss is their training objective, not cross-entropy alone.
     x, expected = batch['image'], []
     for block, state in zip(model.blocks, states):

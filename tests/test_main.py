@@ -36,8 +36,13 @@ def _stderr_only_line(proc) -> str:
   return lines[0]
 
 
-def _correct_from_checkpoint(workdir):
-  """(test examples each head gets right [K], test examples), from the run's last checkpoint."""
+def _test_sums_from_checkpoint(workdir):
+  """The run's last checkpoint on the whole test set: (step, correct [K], loss [K], examples).
+
+  One batch of exactly the test set, so nothing is padded: unlike the run's own
+  evaluation (batches of batch_size, the last one padded and masked), this count
+  does not go through the mask, and a run that counted its padding disagrees.
+  """
   import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
   from bwbpf_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from bwbpf_jax import data  # pylint: disable=g-import-not-at-top
@@ -50,17 +55,17 @@ def _correct_from_checkpoint(workdir):
   tx = bw.make_optimizer(config.optimizer, learning_rate=config.lr, total_steps=1,
                          momentum=config.momentum, weight_decay=config.weight_decay)
   manager = checkpoint.make_manager(os.path.join(workdir, 'checkpoints'))
-  states, _ = checkpoint.restore(
-      manager, checkpoint.steps(manager)[-1],
-      bw.abstract_block_states(model, tx, dataset.image_shape))
+  step = checkpoint.steps(manager)[-1]
+  states, _ = checkpoint.restore(manager, step,
+                                 bw.abstract_block_states(model, tx, dataset.image_shape))
   manager.close()
   mean, std = data.normalization_stats(dataset.train_images)
-  eval_step, correct, count = bw.make_eval_step(model), 0, 0
-  for batch in data.eval_batches(dataset.test_images, dataset.test_labels,
-                                 batch_size=config.batch_size, mean=mean, std=std):
-    sums = eval_step(states, batch)
-    correct, count = correct + np.asarray(sums['correct']), count + float(sums['count'])
-  return correct, count
+  num_test = len(dataset.test_labels)
+  (batch,) = data.eval_batches(dataset.test_images, dataset.test_labels, batch_size=num_test,
+                               mean=mean, std=std)
+  assert batch['mask'].all()
+  sums = bw.make_eval_step(model)(states, batch)
+  return step, np.asarray(sums['correct']), np.asarray(sums['loss']), float(sums['count'])
 
 
 def _recipe(config, *more) -> tuple:
@@ -84,12 +89,16 @@ class EndToEndTest(absltest.TestCase):
                 'num_processes', 'parallel', 'images_per_sec', 'wall_time_s'):
       self.assertIn(key, results)
     self.assertLen(results['block_test_accuracy'], 2)
-    # The reported accuracies are the final states' on the test set: the same number of
-    # examples right, head by head, as recomputed here from the last checkpoint.
-    correct, count = _correct_from_checkpoint(workdir)
+    # The reported accuracies and losses are the final states' on the test set: the same
+    # examples right and the same mean loss, head by head, as recomputed here from the last
+    # checkpoint without padding. The run's last test batch is 8 examples and 24 padded
+    # rows, each with a non-zero loss: counted, they would change every head's loss.
+    step, correct, loss, count = _test_sums_from_checkpoint(workdir)
+    self.assertEqual(step, 3)
     np.testing.assert_array_equal(np.round(np.array(results['block_test_accuracy']) * count),
                                   correct)
     self.assertEqual(round(results['test_accuracy'] * count), correct[-1])
+    np.testing.assert_allclose(results['block_test_loss'], loss / count, rtol=1e-5)
     self.assertEqual(results['steps'], 3)
     self.assertEqual(results['config']['arch'], 'resnet18')
     self.assertEqual(results['config']['augment'], 'crop_flip')

@@ -27,6 +27,7 @@ import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
+import eval_cases
 from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, WORKER,
                           run_on_fake_devices, run_workers, subprocess_env)
 
@@ -203,11 +204,16 @@ class MultiDeviceTest(parameterized.TestCase):
     chex.assert_trees_all_close(sharded_states, single_states, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(sharded_metrics, single_metrics, rtol=1e-5)
 
+    # Evaluation: 8 real rows, then 8 padded rows (on the last 4 devices) that each head
+    # would get right if the mask were lost; the sums must be the real rows' alone, as the
+    # single-device step gives them without padding.
     sharded_eval = parallel.make_data_parallel_eval_step(model, mesh)
-    masked = {**_batch(seed=2), 'mask': np.repeat([1.0, 0.0], 8).astype(np.float32)}
-    chex.assert_trees_all_close(
-        sharded_eval(sharded_states, parallel.shard_batch(masked, mesh)),
-        bw.make_eval_step(model)(single_states, masked), rtol=1e-5)
+    single_eval = bw.make_eval_step(model)
+    evaluate = lambda batch: sharded_eval(sharded_states, parallel.shard_batch(batch, mesh))
+    case = eval_cases.masked_eval_case(
+        evaluate, model, _batch(size=8, seed=2), num_padded=8,
+        reference=lambda batch: single_eval(single_states, batch))
+    chex.assert_trees_all_close(evaluate(case.batch), case.expected, rtol=1e-5)
 
   def test_sharded_blockwise_step_equals_single_device_blockwise_step(self):
     model, tx, states = _setup(2)

@@ -13,6 +13,7 @@ tests/parallel_worker.py processes that talk over loopback only.
 
 import functools
 import os
+import re
 import tempfile
 
 from absl.testing import absltest
@@ -24,9 +25,11 @@ import numpy as np
 import pytest
 
 import bwbpf_jax as bw
+from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
 from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
+from parallel_worker import same_microbatches_on_rows
 pytestmark = pytest.mark.slow
 
 IMAGE = (16, 16, 3)
@@ -56,39 +59,69 @@ def _synchronous(model, tx, states, batches, num_microbatches):
   return jax.device_get(states)
 
 
-def _data_row_order(batch, num_microbatches, num_rows):
-  """The batch whose pipeline micro-batches on `num_rows` data rows are those of `batch` on one.
-
-  With D rows, micro-batch m is the m-th part of each row's share (see
-  `StagePipeline.shard_batch`); this reorders examples so that it holds
-  examples [m B/M, (m+1) B/M) of `batch`, as with one row.
-  """
-  def reorder(x):
-    x = x.reshape((num_microbatches, num_rows, -1) + x.shape[1:]).swapaxes(0, 1)
-    return x.reshape((-1,) + x.shape[3:])
-  return {name: reorder(value) for name, value in batch.items()}
-
-
 @functools.lru_cache(maxsize=None)
-def _pipeline(num_stages, num_rows, num_microbatches=2, global_batch_size=16):
-  """One compiled pipeline per configuration, shared by the tests."""
+def _pipeline(num_stages, num_rows, num_microbatches=2, global_batch_size=16,
+              batch_norm='global', skip_nonfinite=False):
+  """One compiled pipeline per configuration, shared by the tests.
+
+  Global batch statistics by default: then any number of data rows computes the
+  synchronous step's updates on the global micro-batches, which the tests compare.
+  """
   model, tx, _ = _built()
   mesh = parallel.make_pipeline_mesh(num_stages, jax.devices()[:num_stages * num_rows])
   plan = parallel.make_stage_plan(model, tx, IMAGE, num_stages)
   return parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=num_microbatches,
-                                global_batch_size=global_batch_size)
+                                global_batch_size=global_batch_size, batch_norm=batch_norm,
+                                skip_nonfinite=skip_nonfinite)
 
 
-def _train(states, batches, *, num_stages, num_rows, poison_bubbles=False):
+def _train(states, batches, *, num_stages, num_rows, poison_bubbles=False, **options):
   """Pipeline-trains on `batches` (2 micro-batches each), drains; returns host block states."""
-  pipeline = _pipeline(num_stages, num_rows)
+  pipeline = _pipeline(num_stages, num_rows, **options)
   state = pipeline.init(states)
   if poison_bubbles:  # What the stages read in bubble slots: it must change nothing.
     state = state.replace(activations=jnp.full_like(state.activations, jnp.nan))
   for batch in batches:
-    state, _ = pipeline.step(state, pipeline.shard_batch(_data_row_order(batch, 2, num_rows)))
+    batch = same_microbatches_on_rows(batch, 2, num_rows)
+    state, _ = pipeline.step(state, pipeline.shard_batch(batch))
   state, _ = pipeline.drain(state)
-  return jax.device_get(pipeline.block_states(state))
+  return pipeline.host_block_states(state.stages)
+
+
+_COLLECTIVES = ('all-reduce', 'all-gather', 'collective-permute', 'reduce-scatter',
+                'all-to-all')
+
+
+def _collectives_in_conditionals(hlo: str) -> list:
+  """The collective instructions of compiled HLO text that run inside a conditional's branch.
+
+  Follows every computation a branch calls (fusions, loops, nested conditionals).
+  """
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if header and not line.startswith(' '):
+      name = header.group(1)
+      computations[name] = []
+    elif name is not None:
+      computations[name].append(line)
+  called = lambda lines: {callee for line in lines
+                          for callee in re.findall(r'%([\w.\-]+)', line)
+                          if callee in computations}
+  pending = [branch for lines in computations.values() for line in lines
+             if ' conditional(' in line
+             for branch in re.findall(r'%([\w.\-]+)', line.split('branch_computations=')[-1])
+             if branch in computations]
+  seen, found = set(), []
+  while pending:
+    current = pending.pop()
+    if current in seen:
+      continue
+    seen.add(current)
+    found += [line.strip() for line in computations[current]
+              if any(f' {op}(' in line or f' {op}-start(' in line for op in _COLLECTIVES)]
+    pending.extend(called(computations[current]))
+  return found
 
 
 class OneDeviceTest(parameterized.TestCase):
@@ -131,8 +164,11 @@ class OneDeviceTest(parameterized.TestCase):
     model, tx, _ = _built()
     with self.assertRaisesRegex(UsageError, 'between 1 and the 4 blocks'):
       parallel.make_stage_plan(model, tx, IMAGE, 5)
-    with self.assertRaisesRegex(UsageError, 'needs a multiple of 3 devices'):
-      parallel.make_pipeline_mesh(3, jax.devices()[:1] * 2)
+    with self.assertRaisesRegex(UsageError, 'needs a multiple of 2 devices'):
+      parallel.make_pipeline_mesh(2, jax.devices()[:1] * 3)
+    # One device: say what gives several, instead of a stage count dividing 1.
+    with self.assertRaisesRegex(UsageError, 'JAX sees 1 device.*device_count=2'):
+      parallel.make_pipeline_mesh(2, jax.devices()[:1])
     bp_model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125, mode='bp')
     with self.assertRaisesRegex(UsageError, 'isolated blocks'):
       parallel.make_stage_plan(bp_model, tx, IMAGE)
@@ -162,7 +198,36 @@ class OneDeviceTest(parameterized.TestCase):
     self.assertEqual(two[0]['digest'], two[1]['digest'])  # Both processes hold the result.
     # Different collectives (in-process against gloo) may sum in another order.
     np.testing.assert_allclose(two[0]['loss'], one[0]['loss'], rtol=1e-5)
-    chex.assert_trees_all_close(two[0]['params'], one[0]['params'], rtol=RTOL, atol=ATOL)
+    for process in two:  # Each holds one data row: every stage.
+      chex.assert_trees_all_close(process['stages'], one[0]['stages'], rtol=RTOL, atol=ATOL)
+
+  @pytest.mark.slow
+  def test_one_device_per_process_equals_one_process_of_4_devices(self):
+    # One CPU device per process, as on accelerators: 2 processes are 2 stages of one
+    # data row; 4 are 2 stages x 2 rows, so the data all-reduce crosses processes too.
+    args = ('--stages=2', '--batch_norm=global')
+    with tempfile.TemporaryDirectory() as out_dir:
+      one = run_workers(os.path.join(out_dir, 'one'), num_processes=1, local_devices=4,
+                        engine='pipeline', extra_args=args)
+      two = run_workers(os.path.join(out_dir, 'two'), num_processes=2, local_devices=1,
+                        engine='pipeline', extra_args=args)
+      four = run_workers(os.path.join(out_dir, 'four'), num_processes=4, local_devices=1,
+                         engine='pipeline', extra_args=args)
+    self.assertEqual([r['mesh'] for r in one + two + four], [[2, 2]] + [[1, 2]] * 2 + [[2, 2]] * 4)
+    for run in (two, four):
+      # Each process holds only its own stage, and digests agree without a gather.
+      self.assertEqual([sorted(r['stages']) for r in run], [[0], [1]] * (len(run) // 2))
+      self.assertEqual({r['digest'] for r in run}, {run[0]['digest']})
+      for r in run:
+        np.testing.assert_allclose(r['loss'], one[0]['loss'], rtol=1e-4)
+        stage = next(iter(r['stages']))
+        np.testing.assert_allclose(r['stages'][stage], one[0]['stages'][stage],
+                                   rtol=RTOL, atol=ATOL)
+
+
+def _stage_digests(pipeline, state):
+  return [bytes(d) for d in pipeline.block_summaries(state.stages,
+                                                     checkpoint.block_params_digest)]
 
 
 class MultiDeviceTest(parameterized.TestCase):
@@ -252,6 +317,101 @@ class MultiDeviceTest(parameterized.TestCase):
     np.testing.assert_allclose(last['loss'], (metrics['loss'] + tail['loss']) / 2)
     self.assertEqual(float(tail['loss'][0]), 0.0)  # Block 0 finished everything before.
 
+  def test_one_data_row_gives_the_same_updates_with_either_batch_norm_choice(self):
+    model, tx, states = _built()
+    batches = _batches(2)
+    rows = _train(states, batches, num_stages=4, num_rows=1, batch_norm='rows')
+    chex.assert_trees_all_close(rows, _train(states, batches, num_stages=4, num_rows=1),
+                                rtol=RTOL, atol=ATOL)
+    chex.assert_trees_all_close(rows, _synchronous(model, tx, states, batches, 2),
+                                rtol=RTOL, atol=ATOL)
+    # Over two rows the choice matters: each row normalises its half of a micro-batch.
+    split = _train(states, batches, num_stages=4, num_rows=2, batch_norm='rows')
+    with self.assertRaises(AssertionError):
+      chex.assert_trees_all_close(split, rows, rtol=RTOL, atol=ATOL)
+
+  def test_rows_batch_norm_runs_no_collective_inside_a_conditional(self):
+    _, _, states = _built()
+    batch = _batches(1)[0]
+    found = {}
+    for choice in ('rows', 'global'):
+      pipeline = _pipeline(4, 2, batch_norm=choice)
+      state = pipeline.init(states)
+      hlo = pipeline.step.lower(state, pipeline.shard_batch(batch)).compile().as_text()
+      self.assertIn(' conditional(', hlo)
+      found[choice] = _collectives_in_conditionals(hlo)
+      drained = pipeline.drain.lower(state).compile().as_text()
+      self.assertEqual(_collectives_in_conditionals(drained) == [], choice == 'rows')
+    self.assertEqual(found['rows'], [])
+    # The check sees them where they are: global statistics all-reduce inside the branches.
+    self.assertTrue(any('all-reduce' in line for line in found['global']), found['global'])
+    evaluate = _pipeline(4, 2).evaluate.lower(
+        state, _pipeline(4, 2).shard_batch({**batch, 'mask': np.ones(16, np.float32)}))
+    self.assertEqual(_collectives_in_conditionals(evaluate.compile().as_text()), [])
+
+  @parameterized.parameters('rows', 'global')
+  def test_skip_nonfinite_skips_exactly_the_nonfinite_updates(self, batch_norm):
+    model, tx, states = _built()
+    batches = _batches(2)
+    poisoned = [dict(batch) for batch in batches]
+    poisoned[0]['image'] = poisoned[0]['image'].copy()
+    poisoned[0]['image'][8:] = np.nan  # Micro-batch 2 of batch 1: every block's loss is NaN.
+    pipeline = _pipeline(4, 1, batch_norm=batch_norm, skip_nonfinite=True)
+    state = pipeline.init(states)
+    skipped = []
+    for batch in poisoned:
+      state, metrics = pipeline.step(state, pipeline.shard_batch(batch))
+      skipped.append(np.asarray(metrics['skipped']))
+    state, tail = pipeline.drain(state)
+    skipped.append(np.asarray(tail['skipped']))
+    # Each block skips that one micro-batch's update and no other.
+    np.testing.assert_array_equal(np.sum(skipped, axis=0), [1, 1, 1, 1])
+    trained = pipeline.host_block_states(state.stages)
+    # The updates made are those of the synchronous step on the three good micro-batches.
+    good = [{name: value[:8] for name, value in batches[0].items()}, batches[1]]
+    step = bw.make_blockwise_train_step(model, tx, donate=False)
+    expected = states
+    for part in [good[0]] + parallel.split_microbatches(good[1], 2):
+      expected, _ = step(expected, part)
+    chex.assert_trees_all_close(trained, jax.device_get(expected), rtol=RTOL, atol=ATOL)
+
+  def test_images_reach_stage_zero_only(self):
+    _, _, states = _built()
+    pipeline = _pipeline(4, 2, num_microbatches=4)
+    batch = pipeline.shard_batch(_batches(1)[0])
+    # Each device holds one of the four micro-batches of its row (c = ceil(M / S) = 1).
+    self.assertEqual(batch['image'].sharding.spec, jax.sharding.PartitionSpec('stage', 'data'))
+    for shard in batch['image'].addressable_shards:
+      self.assertEqual(shard.data.shape, (1, 2) + IMAGE)
+    hlo = pipeline.step.lower(pipeline.init(states), batch).compile().as_text()
+    image_moves = [line for line in hlo.splitlines()
+                   if ' collective-permute(' in line and 'f32[2,16,16,3]' in line.split('=')[1]]
+    self.assertNotEmpty(image_moves)
+    stage_zero = {str(d.id) for d in pipeline.mesh.devices[:, 0]}
+    for line in image_moves:
+      pairs = re.findall(r'\{(\d+),(\d+)\}', line.split('source_target_pairs=')[1])
+      self.assertTrue(pairs and all(target in stage_zero for _, target in pairs), line)
+
+  def test_evaluation_is_pipelined_masks_padding_and_gathers_no_state(self):
+    from eval_cases import masked_eval_case  # pylint: disable=g-import-not-at-top
+    model, tx, states = _built()
+    trained = _synchronous(model, tx, states, _batches(1), 2)
+    pipeline = _pipeline(4, 2)
+    state = pipeline.init(trained)
+    evaluate = lambda batch: jax.device_get(pipeline.evaluate(state, pipeline.shard_batch(batch)))
+    real = {name: value[:8] for name, value in _batches(1, seed=3)[0].items()}
+    case = masked_eval_case(evaluate, model, real, num_padded=8,
+                            reference=lambda batch: bw.eval_step(model, trained, batch))
+    chex.assert_trees_all_close(evaluate(case.batch), case.expected, rtol=1e-4, atol=1e-4)
+    # Nothing of a stage's state crosses devices: only a few floats per block do.
+    hlo = pipeline.evaluate.lower(state, pipeline.shard_batch(case.batch)).compile().as_text()
+    crossing = [line for line in hlo.splitlines()
+                if any(f' {op}(' in line for op in _COLLECTIVES)]
+    self.assertTrue(all(str(pipeline.plan.state_length) not in line for line in crossing))
+    # Digests, as checkpoints and results use them, are each computed by the stage's owner.
+    self.assertEqual(_stage_digests(pipeline, state),
+                     [bytes(checkpoint.block_params_digest(s)) for s in trained])
+
   def test_layout_one_stage_per_device_and_no_gather_of_states(self):
     _, _, states = _built()
     pipeline, plan = _pipeline(4, 2), _pipeline(4, 2).plan
@@ -271,9 +431,10 @@ class MultiDeviceTest(parameterized.TestCase):
     data_groups = ','.join('{' + ','.join(str(d.id) for d in column) + '}'
                            for column in pipeline.mesh.devices.T)
     self.assertIn(f'replica_groups={{{data_groups}}}', hlo)
-    # Only the per-block metrics ([K] floats) are gathered, never a stage's state.
-    gathers = [line for line in hlo.splitlines() if ' all-gather(' in line]
-    self.assertTrue(all(str(plan.state_length) not in line for line in gathers), gathers)
+    # Only a few floats per block cross stages (metrics); never a stage's state.
+    crossing = [line for line in hlo.splitlines()
+                if any(f' {op}(' in line for op in _COLLECTIVES)]
+    self.assertTrue(all(str(plan.state_length) not in line for line in crossing), crossing)
     # The step hands states back where they were.
     state, _ = pipeline.step(state, batch)
     self.assertEqual(state.stages.sharding.spec, jax.sharding.PartitionSpec('stage'))

@@ -15,6 +15,7 @@ import bwbpf_jax as bw
 from bwbpf_jax import parallel
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
+import eval_cases
 
 IMAGE = (16, 16, 3)
 
@@ -188,10 +189,12 @@ class TrainStepTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'isolated blocks'):
       bw.make_blockwise_train_step(model, tx)
 
-  def test_skip_nonfinite_leaves_only_the_bad_block_unchanged(self):
+  @parameterized.named_parameters(('fused', bw.make_train_step),
+                                  ('blockwise', bw.make_blockwise_train_step))
+  def test_skip_nonfinite_leaves_only_the_bad_block_unchanged(self, make_step):
     model, tx, states = _setup('vgg11', 3, 'bwbpf')
     batch = _batch()
-    train_step = bw.make_train_step(model, tx, skip_nonfinite=True, donate=False)
+    train_step = make_step(model, tx, skip_nonfinite=True, donate=False)
     clean_states, clean_metrics = train_step(states, batch)
     np.testing.assert_array_equal(clean_metrics['skipped'], [0, 0, 0])
     # A NaN in block 1's head only: blocks 0 and 2 must still update.
@@ -246,15 +249,19 @@ class RematTest(parameterized.TestCase):
 class EvalStepTest(parameterized.TestCase):
 
   def test_masked_examples_do_not_count(self):
+    """Padded rows each head would get right, with clearly non-zero losses, add nothing.
+
+    Random padded labels would be misclassified by the untrained heads anyway, so the
+    padding is labelled with the heads' own predictions (tests/eval_cases.py).
+    """
     model, _, states = _setup('vgg11', 2, 'bwbpf')
-    batch = _batch(size=8)
-    full = bw.make_eval_step(model)(states, batch)
-    masked = bw.make_eval_step(model)(states, {**batch, 'mask': jnp.array([1.] * 5 + [0.] * 3)})
-    self.assertEqual(float(full['count']), 8)
+    eval_step = bw.make_eval_step(model)
+    case = eval_cases.masked_eval_case(lambda batch: eval_step(states, batch), model,
+                                       _batch(size=5), num_padded=3)
+    masked = eval_step(states, case.batch)
+    chex.assert_shape([masked['correct'], masked['loss']], (2,))
     self.assertEqual(float(masked['count']), 5)
-    five = jax.tree_util.tree_map(lambda x: x[:5], batch)
-    chex.assert_trees_all_close(masked, bw.make_eval_step(model)(states, five), rtol=1e-5)
-    chex.assert_shape([full['correct'], full['loss']], (2,))
+    chex.assert_trees_all_close(masked, case.expected, rtol=1e-5)
 
 
 class OptimizerTest(parameterized.TestCase):

@@ -148,10 +148,33 @@ def _geometry(strides, padding) -> dict:
               pad_left=np.int64(left), pad_right=np.int64(right))
 
 
+def _varying_axes(x) -> frozenset:
+  """The mesh axes `x` varies over inside a `shard_map` (none outside one)."""
+  return frozenset(jax.typeof(x).mat.varying)
+
+
 def _call(target: str, shape, *operands, strides, padding):
+  """The FFI call; its result varies over every mesh axis an operand varies over.
+
+  A custom call carries no `shard_map` replication type of its own, so the
+  result is marked varying the way XLA's convolution would be (a type cast,
+  no communication).
+  """
   out = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
+  result = jax.ffi.ffi_call(target, out, vmap_method='sequential')(
       *operands, **_geometry(strides, padding))
+  axes = tuple(sorted(frozenset().union(*map(_varying_axes, operands))))
+  return lax.pcast(result, axes, to='varying') if axes else result
+
+
+def _summed_to_varying_of(cotangent, primal):
+  """A cotangent summed over the mesh axes its primal does not vary over, as AD would.
+
+  The primal was implicitly broadcast to those axes (it is the same on each of
+  their devices), and the transpose of a broadcast is a sum.
+  """
+  extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+  return lax.psum(cotangent, extra) if extra else cotangent
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -170,7 +193,7 @@ def _conv_backward(strides, padding, residuals, dy):
   x, w = residuals
   dx = _call('bwbpf_onednn_conv_input_grad', x.shape, dy, w, strides=strides, padding=padding)
   dw = _call('bwbpf_onednn_conv_kernel_grad', w.shape, x, dy, strides=strides, padding=padding)
-  return dx, dw
+  return _summed_to_varying_of(dx, x), _summed_to_varying_of(dw, w)
 
 
 conv.defvjp(_conv_forward, _conv_backward)

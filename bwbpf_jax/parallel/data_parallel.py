@@ -117,7 +117,7 @@ def _checked_batch_size(jitted, mesh):
 def make_data_parallel_train_step(model: PartitionedModel, tx: optax.GradientTransformation,
                                   mesh: jax.sharding.Mesh, *, skip_nonfinite: bool = False,
                                   donate: bool = True) -> Callable:
-  """`step.train_step` jitted over `mesh`: (replicated states, sharded batch) -> replicated.
+  """`step.make_train_step` with states replicated and the batch split over `mesh`.
 
   Nothing in the step is specific to devices. Under jit's global semantics the
   loss is the mean over the whole global batch, so the compiler's partitioned
@@ -133,11 +133,9 @@ def make_data_parallel_train_step(model: PartitionedModel, tx: optax.GradientTra
     step(block_states, batch) -> (block_states, metrics), as `make_train_step`.
     `step.jitted` is the underlying jitted function (for `.lower`).
   """
-  fn = functools.partial(step_lib.train_step, model, tx, skip_nonfinite=skip_nonfinite)
-  replicated = replicated_sharding(mesh)
-  jitted = jax.jit(fn, in_shardings=(replicated, data_sharding(mesh)),
-                   out_shardings=(replicated, replicated),
-                   donate_argnums=(0,) if donate else (), **step_lib.jit_options(model))
+  jitted = step_lib.make_train_step(model, tx, skip_nonfinite=skip_nonfinite, donate=donate,
+                                    state_sharding=replicated_sharding(mesh),
+                                    batch_sharding=data_sharding(mesh))
   return _checked_batch_size(jitted, mesh)
 
 
@@ -146,29 +144,19 @@ def make_data_parallel_blockwise_train_step(model: PartitionedModel,
                                             mesh: jax.sharding.Mesh, *,
                                             skip_nonfinite: bool = False,
                                             donate: bool = True) -> Callable:
-  """The block-wise bwbpf step (`step.make_blockwise_train_step`) sharded over `mesh`.
+  """`step.make_blockwise_train_step` with states replicated and the batch split over `mesh`.
 
-  Each block's `step.block_train_step` is jitted with its state replicated and
-  its input, labels and output features split along the batch, so, as on one
-  device, only one block's activations are alive at a time, now on every
-  device. The same global-batch semantics as `make_data_parallel_train_step`
+  As on one device, only one block's activations are alive at a time, now on
+  every device; the same global-batch semantics as `make_data_parallel_train_step`
   hold (mean loss over the global batch, global BatchNorm statistics).
 
   Raises:
     UsageError: the model is not in bwbpf mode.
   """
-  if model.mode != 'bwbpf':
-    raise UsageError(f'the block-wise step needs isolated blocks (mode bwbpf), '
-                     f'not mode {model.mode!r}: in that mode gradients cross blocks')
-  replicated, split = replicated_sharding(mesh), data_sharding(mesh)
-  block_steps = [
-      jax.jit(functools.partial(step_lib.block_train_step, block, tx,
-                                skip_nonfinite=skip_nonfinite),
-              in_shardings=(replicated, split, split),
-              out_shardings=(replicated, split, replicated),
-              donate_argnums=(0,) if donate else (), **step_lib.jit_options(model))
-      for block in model.blocks]
-  return _checked_batch_size(step_lib.chain_block_steps(block_steps), mesh)
+  step = step_lib.make_blockwise_train_step(
+      model, tx, skip_nonfinite=skip_nonfinite, donate=donate,
+      state_sharding=replicated_sharding(mesh), batch_sharding=data_sharding(mesh))
+  return _checked_batch_size(step, mesh)
 
 
 def make_data_parallel_eval_step(model: PartitionedModel, mesh: jax.sharding.Mesh) -> Callable:
@@ -177,7 +165,6 @@ def make_data_parallel_eval_step(model: PartitionedModel, mesh: jax.sharding.Mes
   Its 'correct', 'loss' and 'count' are sums over all devices' examples (the
   padding 'mask' is sharded with the batch), so batches and processes add up.
   """
-  replicated = replicated_sharding(mesh)
-  jitted = jax.jit(functools.partial(step_lib.eval_step, model),
-                   in_shardings=(replicated, data_sharding(mesh)), out_shardings=replicated)
+  jitted = step_lib.make_eval_step(model, state_sharding=replicated_sharding(mesh),
+                                   batch_sharding=data_sharding(mesh))
   return _checked_batch_size(jitted, mesh)

@@ -5,24 +5,42 @@ s and is replicated over the D rows of axis 'data', which split every
 micro-batch (D x S devices, every process's). The train step is one `jax.jit`
 of a `jax.shard_map`: at every tick each device
 
-1. runs its own stage (`lax.switch` on `lax.axis_index('stage')`): forward,
-   local loss and gradient of each of the stage's blocks on its current
-   micro-batch, one block after another;
-2. averages gradients and losses over 'data' (outside the switch), while the
-   stages' BatchNorms take their batch statistics over 'data' as well
-   (`layers.batch_stats_over`), so the update is the one for the global
-   micro-batch, as under `--parallel=data`;
-3. applies its blocks' own optax updates (a second switch), unless the slot is
-   a bubble;
+1. runs its own stage (`lax.switch` on `lax.axis_index('stage')`): for each of
+   the stage's blocks, `step.block_gradients` (loss, gradient, new batch
+   statistics) on its current micro-batch, one block after another;
+2. averages gradients, losses and the new running batch statistics over
+   'data', outside the switch;
+3. applies its blocks' own optax updates (`step.apply_block_update`, a second
+   switch), unless the slot is a bubble;
 4. passes its detached output, labels and a valid flag to the next stage with
    `lax.ppermute`.
+
+No collective runs inside a conditional by default. A collective inside a
+`lax.switch` branch that differs from device to device is where accelerator
+backends hang or miscompile (the JAX and XLA issue threads on cond with
+all-reduce; a cond on `axis_index` gave a silently wrong gradient,
+jax-ml/jax#40823), so BatchNorm normalises with each data row's own statistics
+(`batch_norm='rows'`, what PyTorch's DistributedDataParallel does without
+SyncBatchNorm); the running statistics are averaged over the rows after the
+switch, so every row holds the same state. `batch_norm='global'` takes the
+statistics over all rows inside the switch (the data-parallel step's
+semantics) at that risk. With one data row the two are the same computation.
 
 Blocks differ in parameter and activation shapes, while an SPMD program needs
 one shape per array. Each stage's states (params, batch_stats, opt_state of
 its blocks) are packed into one float32 vector padded to the largest stage's
 length, stacked [S, L] and sharded on 'stage': a device holds only its stage's
-state. Boundary activations travel flattened, padded to the largest boundary
-[b, A]. `StagePlan` records the packing; `padding_overhead` reports its cost.
+state, and nothing (evaluation, checkpoints, results) ever gathers them onto
+one device. Boundary activations travel flattened, padded to the largest
+boundary [b, A]. Gradients are reduced over 'data' at the largest stage's
+length too: one program, one shape (`StagePlan.padding_overhead`; with one data
+row the reduction is absent).
+
+Inputs reach stage 0 only. A batch's M micro-batches are laid out over the
+stage axis ([S * c, b, ...] with c = ceil(M / S), sharded on 'stage' and
+'data'): each device holds c of them, and at tick m the owner of micro-batch m
+sends it to stage 0 (`lax.ppermute`, absent when stage 0 owns it), so no
+device holds more than its share of a batch's images.
 
 Because every block input is detached, block k's update on micro-batch m
 depends only on its own state and block k-1's output on m, which block k-1
@@ -34,11 +52,17 @@ The pipeline stays full across steps: its in-flight activations are part of
 are still in later stages, and the S-1 ticks of fill and drain are paid once
 per `drain` (before evaluation and checkpoints), not per step. Bubble slots
 (before the pipeline is full, and while draining) are masked: they change no
-state and no optimizer step count.
+state and no optimizer step count. Evaluation (`evaluate`) is pipelined the
+same way, each stage running its blocks' heads in inference mode.
+
+Per-block metrics are summed per stage on its devices and gathered once per
+call (a few floats per block), outside the switch.
 """
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -59,7 +83,11 @@ from bwbpf_jax.partition import PartitionedModel
 from bwbpf_jax.state import BlockState
 
 STAGE_AXIS = 'stage'
+# How BatchNorm takes its batch statistics when a micro-batch is split over data rows.
+BATCH_NORM_STATISTICS = ('rows', 'global')
 _METRICS = ('loss', 'accuracy', 'skipped')
+_EVAL_METRICS = ('correct', 'loss')
+_spec = jax.sharding.PartitionSpec
 
 
 # ---------------------------------------------------------------- mesh and layout
@@ -74,10 +102,17 @@ def make_pipeline_mesh(num_stages: int,
   the shardings given to jit decide placement.
 
   Raises:
-    UsageError: the device count is not a multiple of `num_stages`.
+    UsageError: fewer devices than stages, or a count that is not a multiple of them.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if num_stages < 1 or len(devices) % num_stages:
+  if num_stages < 1 or len(devices) < num_stages:
+    raise UsageError(
+        f'a pipeline of {num_stages} stages puts each stage on a device of its own, but '
+        f'JAX sees {len(devices)} device(s); run on several accelerators or processes '
+        f'(--num_processes), or on CPU emulate devices with '
+        f'XLA_FLAGS=--xla_force_host_platform_device_count={max(num_stages, 2)} '
+        f'(for correctness, not speed), or use --pipeline_stages=1 or --parallel=none')
+  if len(devices) % num_stages:
     raise UsageError(f'a pipeline of {num_stages} stages needs a multiple of {num_stages} '
                      f'devices, found {len(devices)}; choose --pipeline_stages dividing '
                      f'{len(devices)}')
@@ -95,7 +130,8 @@ def process_feed_slice(mesh: jax.sharding.Mesh) -> tuple:
   A process feeds the 'data' rows its devices hold. Where every process holds
   whole rows of its own (the usual case: data rows split over hosts), the
   slices are disjoint; where all processes share the rows (one data row whose
-  stages span hosts), every process feeds the whole batch.
+  stages span hosts), every process feeds the whole batch (and places only
+  the micro-batches its devices hold).
 
   Raises:
     UsageError: the processes' rows neither partition the mesh evenly nor coincide.
@@ -114,7 +150,8 @@ class _Packing:
   """Packs a pytree of arrays into one float32 vector of a given length, and back.
 
   Every value survives the round trip exactly: float32 leaves are copied and
-  int32 leaves (optax step counts) are exact in float32 below 2**24.
+  int32 leaves (optax step counts) are exact in float32 below 2**24. `unpack`
+  works on jax and numpy arrays alike (the host unpacks checkpoints' shards).
   """
   treedef: Any
   shapes: tuple
@@ -137,9 +174,10 @@ class _Packing:
   def pack(self, tree, length: int) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
     flat = [jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves]
-    return jnp.pad(jnp.concatenate(flat), (0, length - self.size))
+    flat = jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
+    return jnp.pad(flat, (0, length - self.size))
 
-  def unpack(self, vector: jax.Array):
+  def unpack(self, vector):
     leaves, offset = [], 0
     for shape, dtype in zip(self.shapes, self.dtypes):
       size = math.prod(shape)
@@ -153,15 +191,19 @@ class StagePlan:
   """Which blocks each stage runs, and how its state and boundary activations are packed.
 
   Attributes:
-    stage_blocks: per stage, the indices of its blocks (contiguous, in order).
+    stage_blocks: per stage, the indices of its blocks (contiguous, in order; block
+      k is called block k + 1 wherever a person reads it).
     state_packings: per stage, the packing of its blocks' `BlockState`s.
     grad_packings: per stage, the packing of its blocks' parameters (gradients).
+    stats_packings: per stage, the packing of its blocks' batch statistics (what a
+      forward pass changes besides the gradient).
     input_shapes: per stage, the shape of one example's input ([H, W, C]).
     activation_dtype: dtype of the activations passed between stages.
   """
   stage_blocks: tuple
   state_packings: tuple
   grad_packings: tuple
+  stats_packings: tuple
   input_shapes: tuple
   activation_dtype: Any
 
@@ -179,6 +221,10 @@ class StagePlan:
     return max(p.size for p in self.grad_packings)
 
   @property
+  def stats_length(self) -> int:
+    return max(p.size for p in self.stats_packings)
+
+  @property
   def activation_length(self) -> int:
     """A: floats per example of the largest boundary activation (at least 1)."""
     return max([1] + [math.prod(shape) for shape in self.input_shapes[1:]])
@@ -186,6 +232,12 @@ class StagePlan:
   @property
   def blocks_per_stage(self) -> int:
     return max(len(blocks) for blocks in self.stage_blocks)
+
+  @property
+  def block_slots(self) -> tuple:
+    """(stage, position in the stage) of every block, in block order."""
+    return tuple((s, j) for s, blocks in enumerate(self.stage_blocks)
+                 for j in range(len(blocks)))
 
   def padding_overhead(self) -> float:
     """State memory of all devices of one data row over that of the unpadded states, minus 1."""
@@ -221,7 +273,7 @@ def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, i
   """Groups the K blocks into `num_stages` stages (default K) and lays out their packing.
 
   With fewer stages than blocks, contiguous blocks are grouped so that the
-  costliest stage is as cheap as possible (`sizing.balanced_split_points` over
+  costliest stage is as cheap as possible (`balanced_split_points` over
   `costs`, by default `block_costs`).
 
   Args:
@@ -234,9 +286,7 @@ def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, i
   Raises:
     UsageError: the mode is not bwbpf, or S is not between 1 and K.
   """
-  if model.mode != 'bwbpf':
-    raise UsageError(f'block-parallel training needs isolated blocks (mode bwbpf), '
-                     f'not mode {model.mode!r}: in that mode gradients cross blocks')
+  step_lib.require_isolated(model, 'block-parallel training')
   if step_lib.needs_pixels(model):
     raise UsageError('the stage pipeline passes labels between stages, not the images a '
                      'reconstruction loss needs; use --parallel=data or none with it')
@@ -260,12 +310,13 @@ def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, i
     x = jax.eval_shape(
         lambda s, v, b=block: b.apply({'params': s.params, 'batch_stats': s.batch_stats}, v,
                                       train=False)[0], state, x)
+  packing = lambda part: tuple(_Packing.of(tuple(part(states[k]) for k in blocks))
+                               for blocks in stage_blocks)
   return StagePlan(
       stage_blocks=stage_blocks,
-      state_packings=tuple(_Packing.of(tuple(states[k] for k in blocks))
-                           for blocks in stage_blocks),
-      grad_packings=tuple(_Packing.of(tuple(states[k].params for k in blocks))
-                          for blocks in stage_blocks),
+      state_packings=packing(lambda state: state),
+      grad_packings=packing(lambda state: state.params),
+      stats_packings=packing(lambda state: state.batch_stats),
       input_shapes=tuple(tuple(block_inputs[blocks[0]].shape[1:]) for blocks in stage_blocks),
       activation_dtype=(block_inputs[1].dtype if num_blocks > 1 else jnp.float32))
 
@@ -291,17 +342,49 @@ class PipelineState:
 
 
 def _state_shardings(mesh) -> PipelineState:
-  spec = jax.sharding.PartitionSpec
-  named = lambda *axes: jax.sharding.NamedSharding(mesh, spec(*axes))
+  named = lambda *axes: jax.sharding.NamedSharding(mesh, _spec(*axes))
   return PipelineState(stages=named(STAGE_AXIS), activations=named(STAGE_AXIS, DATA_AXIS),
                        labels=named(STAGE_AXIS, DATA_AXIS), valid=named(STAGE_AXIS))
 
 
 def _put_global(host: np.ndarray, sharding) -> jax.Array:
-  """A global array from a host copy that every process holds in full."""
-  if jax.process_count() == 1:
-    return jax.device_put(host, sharding)
+  """A global array from a host copy of which each process reads the parts it places."""
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _varying(tree, axes: tuple):
+  """Marks every leaf as varying over `axes` (shard_map's replication types).
+
+  Branches of a `lax.switch` must agree on which mesh axes their results vary
+  over; a constant (a stage that emits no activation) varies over none.
+  """
+  def cast(x):
+    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
+    return lax.pcast(x, missing, to='varying') if missing else x
+  return jax.tree_util.tree_map(cast, tree)
+
+
+def _stage_and_data(tree):
+  return _varying(tree, (STAGE_AXIS, DATA_AXIS))
+
+
+def _stage_only(tree):
+  return _varying(tree, (STAGE_AXIS,))
+
+
+def _gather_over_stages(tree):
+  """Every stage's value of each leaf, stacked [S, ...] and the same on every device.
+
+  A sum of one-hot rows (an all-reduce of a few floats per block), which
+  shard_map's replication check knows to be replicated, unlike `lax.all_gather`.
+  """
+  stage = lax.axis_index(STAGE_AXIS)
+  num_stages = lax.axis_size(STAGE_AXIS)
+
+  def gather(x):
+    rows = jnp.zeros((num_stages,) + x.shape, x.dtype).at[stage].set(x)
+    return lax.psum(rows, STAGE_AXIS)
+  return jax.tree_util.tree_map(gather, tree)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -311,20 +394,25 @@ class StagePipeline:
   """The jitted stage-pipeline functions for one model, optimizer, plan and mesh.
 
   `init` packs block states into an empty pipeline, `shard_batch` lays a batch
-  out as M micro-batches, `step` trains on one batch, `drain` finishes the
-  micro-batches still in flight and `block_states` unpacks the states (drain
-  first). All of them are pure functions of their arguments; this object only
-  holds what is fixed for a run.
+  out as M micro-batches over the stages, `step` trains on one batch, `drain`
+  finishes the micro-batches still in flight, `evaluate` runs every head on a
+  batch (drain first), `host_block_states` unpacks the states this process
+  holds. All jitted functions are pure functions of their arguments; this
+  object only holds what is fixed for a run.
   """
 
   def __init__(self, model: PartitionedModel, tx: optax.GradientTransformation,
                plan: StagePlan, mesh: jax.sharding.Mesh, *, num_microbatches: int,
-               global_batch_size: int, skip_nonfinite: bool = False, donate: bool = True):
+               global_batch_size: int, skip_nonfinite: bool = False, donate: bool = True,
+               batch_norm: str = 'rows'):
     if tuple(mesh.axis_names) != (DATA_AXIS, STAGE_AXIS):
       raise UsageError(f'the stage pipeline needs a (data, stage) mesh, got {mesh.axis_names}')
     if mesh.shape[STAGE_AXIS] != plan.num_stages:
       raise UsageError(f'the mesh has {mesh.shape[STAGE_AXIS]} stages, the plan '
                        f'{plan.num_stages}')
+    if batch_norm not in BATCH_NORM_STATISTICS:
+      raise UsageError(f'--pipeline_batch_norm must be one of {", ".join(BATCH_NORM_STATISTICS)}'
+                       f', got {batch_norm!r}')
     divisor = num_microbatches * mesh.shape[DATA_AXIS]
     if num_microbatches < 1 or global_batch_size % divisor:
       raise UsageError(f'--batch_size={global_batch_size} cannot be split into '
@@ -339,21 +427,26 @@ class StagePipeline:
                        f'devices) or --parallel=data with it')
     self.model, self.tx, self.plan, self.mesh = model, tx, plan, mesh
     self.num_microbatches = num_microbatches
+    self.batch_norm = batch_norm
+    self.num_rows = mesh.shape[DATA_AXIS]
+    # Micro-batches each stage's devices hold of a batch: c = ceil(M / S).
+    self.feed_slots = -(-num_microbatches // plan.num_stages)
+    self.feed_index, feed_count = process_feed_slice(mesh)
     # Data rows whose share of each batch this process feeds (all of them in one process).
-    self.rows_fed = mesh.shape[DATA_AXIS] // process_feed_slice(mesh)[1]
+    self.rows_fed = self.num_rows // feed_count
     self.microbatch_size = global_batch_size // num_microbatches
     self.skip_nonfinite = skip_nonfinite
     self.shardings = _state_shardings(mesh)
-    spec = jax.sharding.PartitionSpec
-    self.batch_sharding = jax.sharding.NamedSharding(mesh, spec(None, DATA_AXIS))
-    replicated = jax.sharding.NamedSharding(mesh, spec())
+    self.batch_sharding = jax.sharding.NamedSharding(mesh, _spec(STAGE_AXIS, DATA_AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, _spec())
     donated = (0,) if donate else ()
     options = step_lib.jit_options(model)  # Keeps --remat's barriers on XLA:CPU.
     self.step = jax.jit(self._step, donate_argnums=donated,
                         out_shardings=(self.shardings, replicated), **options)
     self.drain = jax.jit(self._drain, donate_argnums=donated,
                          out_shardings=(self.shardings, replicated), **options)
-    self.block_states = jax.jit(self._unpack, out_shardings=replicated)
+    self.evaluate = jax.jit(self._evaluate, out_shardings=replicated)
+    self._gather_rows = jax.jit(lambda rows: rows, out_shardings=replicated)
 
   # -- placement
 
@@ -364,163 +457,357 @@ class StagePipeline:
     stages = np.stack([
         np.asarray(packing.pack(tuple(host[k] for k in blocks), plan.state_length))
         for packing, blocks in zip(plan.state_packings, plan.stage_blocks)])
-    b = self.microbatch_size
+    return self.with_stages(_put_global(stages, self.shardings.stages))
+
+  def with_stages(self, stages: jax.Array) -> PipelineState:
+    """An empty pipeline (nothing in flight) around packed stage states [S, L]."""
+    plan, b = self.plan, self.microbatch_size
     empty = dict(
         activations=np.zeros((plan.num_stages, b, plan.activation_length),
                              plan.activation_dtype),
         labels=np.zeros((plan.num_stages, b), np.int32),
         valid=np.zeros((plan.num_stages,), bool))
     return PipelineState(
-        stages=_put_global(stages, self.shardings.stages),
+        stages=stages,
         **{name: _put_global(value, getattr(self.shardings, name))
            for name, value in empty.items()})
 
   def shard_batch(self, batch: dict) -> dict:
-    """This process's slice of a batch -> global [M, B / M, ...] arrays, split on 'data'.
+    """This process's slice of a batch -> global [S * c, B / M, ...] arrays on 'stage', 'data'.
 
     Micro-batch m takes, from each data row's share of the batch, its m-th
     part: row d feeds examples [d B/D, (d+1) B/D) of the global batch, cut into
     M parts in order. With one row (D = 1) micro-batch m is simply examples
-    [m B/M, (m+1) B/M).
+    [m B/M, (m+1) B/M). Micro-batch m is held by stage m // c (c = ceil(M/S);
+    slots past M are zeros and never read), so each device receives c
+    micro-batches of its row, and a process copies to its devices only the
+    micro-batches they hold.
     """
-    num_micro = self.num_microbatches
+    num_micro, slots = self.num_microbatches, self.plan.num_stages * self.feed_slots
 
     def lay_out(x):
       x = np.asarray(x)
       # [rows_fed * M * b_row] -> [M, rows_fed * b_row]: each row's share cut into M parts.
       x = x.reshape((self.rows_fed, num_micro, -1) + x.shape[1:]).swapaxes(0, 1)
       local = x.reshape((num_micro, -1) + x.shape[3:])
-      global_shape = (num_micro, self.microbatch_size) + local.shape[2:]
-      return jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
+      global_shape = (slots, self.microbatch_size) + local.shape[2:]
+      first_example = self.feed_index * local.shape[1]
+
+      def piece(index):
+        micro = range(*index[0].indices(slots))
+        start, stop, _ = index[1].indices(self.microbatch_size)
+        rows = slice(start - first_example, stop - first_example)
+        part = np.zeros((len(micro), stop - start) + local.shape[2:], local.dtype)
+        real = [i for i, m in enumerate(micro) if m < num_micro]
+        if real:
+          part[real[0]:real[-1] + 1] = local[micro[real[0]]:micro[real[-1]] + 1, rows]
+        return part[(slice(None), slice(None)) + tuple(index[2:])]
+      return jax.make_array_from_callback(global_shape, self.batch_sharding, piece)
     return jax.tree_util.tree_map(lay_out, batch)
 
   # -- the jitted programs
 
   def _step(self, state: PipelineState, batch: dict):
-    fed = jnp.ones((self.num_microbatches,), bool)
-    return self._run(state, batch['image'], batch['label'], fed)
+    feed = {'image': batch['image'], 'label': batch['label']}
+    return self._train(state, feed, num_idle=0)
 
   def _drain(self, state: PipelineState):
     """S-1 ticks with nothing fed: every micro-batch in flight reaches the last stage."""
-    ticks = self.plan.num_stages - 1
-    image_shape = self.plan.input_shapes[0]
-    images = jnp.zeros((ticks, self.microbatch_size) + image_shape, jnp.float32)
-    labels = jnp.zeros((ticks, self.microbatch_size), jnp.int32)
-    return self._run(state, images, labels, jnp.zeros((ticks,), bool))
+    return self._train(state, None, num_idle=self.plan.num_stages - 1)
 
-  def _unpack(self, state: PipelineState) -> tuple:
-    blocks = []
-    for s, packing in enumerate(self.plan.state_packings):
-      blocks.extend(packing.unpack(state.stages[s]))
-    return tuple(blocks)
-
-  def _run(self, state: PipelineState, images, labels, fed):
-    """Runs one tick per leading entry of `images`; returns (state, metrics [K])."""
-    spec = jax.sharding.PartitionSpec
-    # Stages' outputs vary over different mesh axes (stage 0 reads the data-split images,
-    # the last stage emits zeros), so the branches of a switch cannot agree on one
-    # varying-axes type; the replication that out_specs state is by construction
-    # (everything written to a 'stage'-only spec was averaged over 'data').
-    shard_ticks = jax.shard_map(
-        self._ticks_on_device, mesh=self.mesh, check_vma=False,
-        in_specs=(spec(STAGE_AXIS), spec(STAGE_AXIS, DATA_AXIS), spec(STAGE_AXIS, DATA_AXIS),
-                  spec(STAGE_AXIS), spec(None, DATA_AXIS), spec(None, DATA_AXIS), spec()),
-        out_specs=(spec(STAGE_AXIS), spec(STAGE_AXIS, DATA_AXIS), spec(STAGE_AXIS, DATA_AXIS),
-                   spec(STAGE_AXIS), spec(STAGE_AXIS), spec(STAGE_AXIS)))
-    stages, activations, out_labels, valid, sums, counts = shard_ticks(
-        state.stages, state.activations, state.labels, state.valid, images, labels, fed)
-    # sums [S, 3, blocks_per_stage] and counts [S] -> per-block sums [K] and counts [K].
-    where = [(s, j) for s, blocks in enumerate(self.plan.stage_blocks)
-             for j in range(len(blocks))]
-    metrics = {name: jnp.stack([sums[s, i, j] for s, j in where])
+  def _train(self, state: PipelineState, feed, num_idle: int):
+    """Runs M fed ticks (if `feed`) then `num_idle` empty ones; returns (state, metrics [K])."""
+    feed_spec = _spec(STAGE_AXIS, DATA_AXIS)
+    state_specs = (_spec(STAGE_AXIS), _spec(STAGE_AXIS, DATA_AXIS),
+                   _spec(STAGE_AXIS, DATA_AXIS), _spec(STAGE_AXIS))
+    body = functools.partial(self._train_on_device, num_idle=num_idle)
+    run = jax.shard_map(
+        body, mesh=self.mesh,
+        in_specs=(*state_specs, None if feed is None else {'image': feed_spec,
+                                                           'label': feed_spec}),
+        out_specs=(*state_specs, _spec(), _spec()))
+    stages, activations, labels, valid, sums, counts = run(
+        state.stages, state.activations, state.labels, state.valid, feed)
+    # sums [S, 3, blocks_per_stage] and counts [S], the same on every device: pick each block's.
+    slots = self.plan.block_slots
+    metrics = {name: jnp.stack([sums[s, i, j] for s, j in slots])
                for i, name in enumerate(_METRICS)}
-    metrics['count'] = jnp.stack([counts[s] for s, _ in where])
-    return PipelineState(stages, activations, out_labels, valid), metrics
+    metrics['count'] = jnp.stack([counts[s] for s, _ in slots])
+    return PipelineState(stages, activations, labels, valid), metrics
 
-  def _ticks_on_device(self, stages, activations, act_labels, act_valid, images, labels, fed):
-    """Per device: its stage's [1, L] state, [1, b_d, A] input; [T, b_d, ...] batch slice."""
+  def _evaluate(self, state: PipelineState, batch: dict) -> dict:
+    """Every head on one batch, pipelined: {'correct': [K], 'loss': [K], 'count'} sums.
+
+    Like `step.eval_step` (inference mode, sums over the examples whose 'mask'
+    is 1), with M + S - 1 ticks: each stage runs its blocks on the micro-batch
+    it holds and passes the features on. The pipeline's training carry is not
+    touched (evaluate drained states).
+    """
+    feed = {name: batch[name] for name in ('image', 'label', 'mask')}
+    feed_spec = _spec(STAGE_AXIS, DATA_AXIS)
+    run = jax.shard_map(
+        self._evaluate_on_device, mesh=self.mesh,
+        in_specs=(_spec(STAGE_AXIS), {name: feed_spec for name in feed}),
+        out_specs=(_spec(), _spec()))
+    sums, counts = run(state.stages, feed)
+    slots = self.plan.block_slots
+    return {**{name: jnp.stack([sums[s, i, j] for s, j in slots])
+               for i, name in enumerate(_EVAL_METRICS)},
+            'count': counts[0]}
+
+  # -- per device
+
+  def _ticks(self, tick, carry, feed, num_idle: int, idle_item: dict):
+    """Runs `tick(carry, item, fed)` over the fed micro-batches, then `num_idle` empty ticks.
+
+    `feed` holds this device's c micro-batch slots ([c, b_d, ...] leaves); the
+    fed ticks run in S segments, segment j taking its micro-batches from stage
+    j's slots (sent to stage 0, the only reader, by a `ppermute` outside any
+    conditional).
+    """
+    c = self.feed_slots
+    if feed is not None:
+      for owner in range(self.plan.num_stages):
+        count = min(c, self.num_microbatches - owner * c)
+        if count <= 0:
+          break
+
+        def fed_tick(carry, slot, owner=owner):
+          item = jax.tree_util.tree_map(lambda x: x[slot], feed)
+          if owner:
+            item = lax.ppermute(item, STAGE_AXIS, [(owner, 0)])
+          return tick(carry, item, True), None
+        carry, _ = lax.scan(fed_tick, carry, jnp.arange(count))
+    if num_idle:
+      idle = _stage_and_data(idle_item)
+      carry, _ = lax.scan(lambda carry, _: (tick(carry, idle, False), None), carry, None,
+                          length=num_idle)
+    return carry
+
+  def _idle_item(self, names) -> dict:
+    b = self.microbatch_size // self.num_rows
+    shapes = {'image': ((b,) + self.plan.input_shapes[0], jnp.float32),
+              'label': ((b,), jnp.int32), 'mask': ((b,), jnp.float32)}
+    return {name: jnp.zeros(*shapes[name]) for name in names}
+
+  def _handoff(self, values):
+    """Each stage's outputs to the next stage (the last one's go nowhere)."""
+    to_next = [(s, s + 1) for s in range(self.plan.num_stages - 1)]
+    return lax.ppermute(values, STAGE_AXIS, to_next)
+
+  def _train_on_device(self, stages, activations, act_labels, act_valid, feed, *, num_idle):
+    """Per device: its stage's [1, L] state, [1, b_d, A] input; feed slots [c, b_d, ...]."""
     plan, num_stages = self.plan, self.plan.num_stages
     stage = lax.axis_index(STAGE_AXIS)
     forwards = [functools.partial(self._stage_forward, s) for s in range(num_stages)]
     updates = [functools.partial(self._stage_update, s) for s in range(num_stages)]
-    to_next = [(s, s + 1) for s in range(num_stages - 1)]
+    # Per-row batch statistics need no collective inside the switch; global ones do.
+    statistics = lambda: (layers.batch_stats_over(DATA_AXIS) if self.batch_norm == 'global'
+                          else contextlib.nullcontext())
 
-    def tick(carry, tick_input):
+    def tick(carry, item, fed):
       state, x, x_labels, x_valid, sums, count = carry
-      image, image_labels, image_fed = tick_input
       first = stage == 0
-      x_labels = jnp.where(first, image_labels, x_labels)
-      valid = jnp.where(first, image_fed, x_valid)
+      labels = jnp.where(first, item['label'], x_labels)
+      valid = jnp.where(first, fed, x_valid)
       # XLA:CPU runs its own convolutions about 20x slower inside a conditional; oneDNN's
       # (a custom call, fine in this per-device code) keep their speed there.
-      with layers.batch_stats_over(DATA_AXIS), layers.per_device_code():
-        grads, proposed, out, losses, accuracies = lax.switch(
-            stage, forwards, state, image, x, x_labels)
-      grads, losses, accuracies = lax.pmean((grads, losses, accuracies), DATA_AXIS)
-      state, skipped = lax.switch(stage, updates, state, proposed, grads, losses, valid)
-      tick_metrics = jnp.stack([losses, accuracies, skipped])
-      sums = sums + jnp.where(valid, tick_metrics, 0.0)
+      with layers.per_device_code(), statistics():
+        grads, stats, out, losses, accuracies = lax.switch(
+            stage, forwards, state, item['image'], x, labels)
+      # Rows' running statistics differ under 'rows' (and are equal under 'global'): their
+      # mean keeps every row's state the same, as the out_specs declare.
+      grads, stats, losses, accuracies = lax.pmean((grads, stats, losses, accuracies),
+                                                   DATA_AXIS)
+      state, skipped = lax.switch(stage, updates, state, stats, grads, losses, valid)
+      sums = sums + jnp.where(valid, jnp.stack([losses, accuracies, skipped]), 0.0)
       count = count + valid.astype(jnp.float32)
-      out, x_labels, valid = lax.ppermute((out, x_labels, valid), STAGE_AXIS, to_next)
-      return (state, out, x_labels, valid, sums, count), None
+      out, labels, valid = self._handoff((out, labels, valid))
+      return state, out, labels, valid, sums, count
 
     init = (stages[0], activations[0], act_labels[0], act_valid[0],
-            jnp.zeros((len(_METRICS), plan.blocks_per_stage), jnp.float32),
-            jnp.zeros((), jnp.float32))
-    (state, x, x_labels, x_valid, sums, count), _ = lax.scan(
-        tick, init, (images, labels, fed))
-    return (state[None], x[None], x_labels[None], x_valid[None], sums[None], count[None])
+            _stage_only(jnp.zeros((len(_METRICS), plan.blocks_per_stage), jnp.float32)),
+            _stage_only(jnp.zeros((), jnp.float32)))
+    state, x, x_labels, x_valid, sums, count = self._ticks(
+        tick, init, feed, num_idle, self._idle_item(('image', 'label')))
+    # A few floats per block, gathered once per call, outside any conditional.
+    sums, counts = _gather_over_stages((sums, count))
+    return state[None], x[None], x_labels[None], x_valid[None], sums, counts
 
   def _stage_forward(self, s, state_vector, image, activation, labels):
     """Stage s's blocks on one micro-batch: gradients, new batch stats, output, losses."""
     plan = self.plan
-    block_states = plan.state_packings[s].unpack(state_vector)
-    if s == 0:
-      x = image
-    else:
-      shape = plan.input_shapes[s]
-      x = activation[:, :math.prod(shape)].reshape((-1,) + shape)
-    grads, proposed, losses, accuracies = [], [], [], []
+    # Each data row differentiates its own copy of the state: varying over 'data' before
+    # the gradient is taken, so AD sums nothing over rows inside this branch (the
+    # rows' gradients are averaged after the switch).
+    block_states = _stage_and_data(plan.state_packings[s].unpack(state_vector))
+    x = self._stage_input(s, image, activation)
+    grads, stats, losses, accuracies = [], [], [], []
     for k, block_state in zip(plan.stage_blocks[s], block_states):
-      grad_fn = jax.value_and_grad(step_lib.local_loss, argnums=1, has_aux=True)
-      (loss, (x, outputs, stats)), block_grads = grad_fn(
-          self.model.blocks[k], block_state.params, block_state.batch_stats, x, labels)
-      logits = outputs['logits']
+      loss, block_grads, block_stats, x, outputs = step_lib.block_gradients(
+          self.model.blocks[k], block_state, x, labels)
       grads.append(block_grads)
-      proposed.append(block_state.replace(batch_stats=stats))
+      stats.append(block_stats)
       losses.append(loss)
-      accuracies.append(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)))
-    if s == plan.num_stages - 1:
-      out = jnp.zeros((x.shape[0], plan.activation_length), plan.activation_dtype)
-    else:
-      flat = lax.stop_gradient(x).reshape(x.shape[0], -1).astype(plan.activation_dtype)
-      out = jnp.pad(flat, ((0, 0), (0, plan.activation_length - flat.shape[1])))
+      accuracies.append(step_lib.accuracy(outputs['logits'], labels))
     pad = plan.blocks_per_stage - len(losses)
-    return (plan.grad_packings[s].pack(tuple(grads), plan.grad_length),
-            plan.state_packings[s].pack(tuple(proposed), plan.state_length),
-            out,
-            jnp.pad(jnp.stack(losses), (0, pad)),
-            jnp.pad(jnp.stack(accuracies), (0, pad)))
+    return _stage_and_data((plan.grad_packings[s].pack(tuple(grads), plan.grad_length),
+                            plan.stats_packings[s].pack(tuple(stats), plan.stats_length),
+                            self._output(s, x),
+                            jnp.pad(jnp.stack(losses), (0, pad)),
+                            jnp.pad(jnp.stack(accuracies), (0, pad))))
 
-  def _stage_update(self, s, state_vector, proposed_vector, grad_vector, losses, valid):
+  def _stage_input(self, s, image, activation):
+    """Stage 0 reads the images; a later stage unflattens its predecessor's output."""
+    if s == 0:
+      return image
+    shape = self.plan.input_shapes[s]
+    return activation[:, :math.prod(shape)].reshape((-1,) + shape)
+
+  def _output(self, s, x):
+    """What stage s sends on: its detached features, flattened and padded to [b, A]."""
+    plan = self.plan
+    if s == plan.num_stages - 1:
+      return jnp.zeros((x.shape[0], plan.activation_length), plan.activation_dtype)
+    flat = lax.stop_gradient(x).reshape(x.shape[0], -1).astype(plan.activation_dtype)
+    return jnp.pad(flat, ((0, 0), (0, plan.activation_length - flat.shape[1])))
+
+  def _stage_update(self, s, state_vector, stats_vector, grad_vector, losses, valid):
     """Stage s's optimizer updates; a bubble (`valid` false) or skipped update changes nothing."""
     plan = self.plan
     block_states = plan.state_packings[s].unpack(state_vector)
-    proposed = plan.state_packings[s].unpack(proposed_vector)
+    stats = plan.stats_packings[s].unpack(stats_vector)
     grads = plan.grad_packings[s].unpack(grad_vector)
     new_states, skipped = [], []
-    for j, (block_state, new_stats, block_grads) in enumerate(
-        zip(block_states, proposed, grads)):
+    for j, (block_state, block_stats, block_grads) in enumerate(
+        zip(block_states, stats, grads)):
       skip = jnp.zeros((), bool)
       if self.skip_nonfinite:
         skip = jnp.logical_not(step_lib.all_finite(losses[j], block_grads))
       keep_old = jnp.logical_or(jnp.logical_not(valid), skip)
       new_states.append(step_lib.apply_block_update(
-          self.tx, block_state, block_grads, new_stats.batch_stats, keep_old))
+          self.tx, block_state, block_grads, block_stats, keep_old))
       skipped.append(jnp.logical_and(valid, skip).astype(jnp.float32))
     pad = plan.blocks_per_stage - len(skipped)
-    return (plan.state_packings[s].pack(tuple(new_states), plan.state_length),
-            jnp.pad(jnp.stack(skipped), (0, pad)))
+    return _stage_only((plan.state_packings[s].pack(tuple(new_states), plan.state_length),
+                        jnp.pad(jnp.stack(skipped), (0, pad))))
+
+  def _evaluate_on_device(self, stages, feed):
+    plan, num_stages = self.plan, self.plan.num_stages
+    stage = lax.axis_index(STAGE_AXIS)
+    branches = [functools.partial(self._stage_evaluate, s) for s in range(num_stages)]
+    state = stages[0]
+
+    def tick(carry, item, fed):
+      x, x_labels, x_mask, x_valid, sums, count = carry
+      first = stage == 0
+      labels = jnp.where(first, item['label'], x_labels)
+      mask = jnp.where(first, item['mask'], x_mask)
+      valid = jnp.where(first, fed, x_valid)
+      with layers.per_device_code():
+        out, block_sums = lax.switch(stage, branches, state, item['image'], x, labels, mask)
+      sums = sums + jnp.where(valid, block_sums, 0.0)
+      count = count + jnp.where(valid, jnp.sum(mask), 0.0)
+      out, labels, mask, valid = self._handoff((out, labels, mask, valid))
+      return out, labels, mask, valid, sums, count
+
+    b = self.microbatch_size // self.num_rows
+    init = _stage_and_data((
+        jnp.zeros((b, plan.activation_length), plan.activation_dtype),
+        jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32), jnp.zeros((), bool),
+        jnp.zeros((len(_EVAL_METRICS), plan.blocks_per_stage), jnp.float32),
+        jnp.zeros((), jnp.float32)))
+    *_, sums, count = self._ticks(tick, init, feed, num_stages - 1,
+                                  self._idle_item(('image', 'label', 'mask')))
+    # Sums over the data rows' examples, then every stage's, outside any conditional.
+    sums, count = lax.psum((sums, count), DATA_AXIS)
+    return _gather_over_stages((sums, count))
+
+  def _stage_evaluate(self, s, state_vector, image, activation, labels, mask):
+    plan = self.plan
+    block_states = _stage_and_data(plan.state_packings[s].unpack(state_vector))
+    x = self._stage_input(s, image, activation)
+    targets = {'label': labels, 'mask': mask}
+    sums = []
+    for k, block_state in zip(plan.stage_blocks[s], block_states):
+      x, correct, loss = step_lib.block_eval_sums(self.model.blocks[k], block_state, x, targets)
+      sums.append(jnp.stack([correct, loss]))
+    pad = plan.blocks_per_stage - len(sums)
+    sums = jnp.pad(jnp.stack(sums, axis=1), ((0, 0), (0, pad)))
+    return _stage_and_data((self._output(s, x), sums))
+
+  # -- the host's view: what this process holds, nothing gathered
+
+  def own_stages(self, stages: jax.Array) -> dict:
+    """{stage: host copy of its packed state [L]} for the stages this process's devices hold."""
+    own = {}
+    for shard in stages.addressable_shards:
+      s = shard.index[0].start or 0
+      if s not in own:
+        own[s] = np.asarray(shard.data)[0]
+    return own
+
+  def host_block_states(self, stages: jax.Array) -> tuple:
+    """The K block states on the host, unpacked from this process's own shards (no gather).
+
+    Raises:
+      UsageError: some stage lives only on another process's devices.
+    """
+    own = self.own_stages(stages)
+    missing = [s for s in range(self.plan.num_stages) if s not in own]
+    if missing:
+      raise UsageError(f'stages {missing} are held by other processes: use block_summaries, '
+                       f'or checkpoints, which need no gather')
+    blocks = []
+    for s, packing in enumerate(self.plan.state_packings):
+      blocks.extend(packing.unpack(own[s]))
+    return tuple(blocks)
+
+  def exchange(self, rows_of_own_stages: dict) -> np.ndarray:
+    """[S, ...] on every process from each process's {stage: small host array}.
+
+    For a few bytes per stage (digests, flags): the owners' rows are placed on
+    their stage's devices and gathered with one tiny all-gather.
+    """
+    first = next(iter(rows_of_own_stages.values()))
+    shape = (self.plan.num_stages,) + first.shape
+    sharded = jax.sharding.NamedSharding(self.mesh, _spec(STAGE_AXIS))
+    placed = jax.make_array_from_callback(
+        shape, sharded, lambda index: np.stack(
+            [rows_of_own_stages[s] for s in range(*index[0].indices(shape[0]))]))
+    return np.asarray(self._gather_rows(placed).addressable_data(0))
+
+  def block_summaries(self, stages: jax.Array, summarize) -> list:
+    """[summarize(block state) for each of the K blocks], each computed by its stage's owner.
+
+    `summarize` maps one host `BlockState` to a small uint8 vector of a fixed
+    size (a digest, a flag), which `exchange` gathers; no state leaves its devices.
+    """
+    rows = {}
+    for s, vector in self.own_stages(stages).items():
+      summaries = [np.asarray(summarize(block), np.uint8)
+                   for block in self.plan.state_packings[s].unpack(vector)]
+      padding = [np.zeros_like(summaries[0])] * (self.plan.blocks_per_stage - len(summaries))
+      rows[s] = np.stack(summaries + padding)
+    gathered = self.exchange(rows)
+    return [gathered[s, j] for s, j in self.plan.block_slots]
+
+  def stage_digest(self, stages: jax.Array) -> str:
+    """SHA-256 over every stage's packed state, each hashed by its owner (checkpoint records)."""
+    own = {s: np.frombuffer(hashlib.sha256(np.ascontiguousarray(v).tobytes()).digest(),
+                            np.uint8) for s, v in self.own_stages(stages).items()}
+    return hashlib.sha256(self.exchange(own).tobytes()).hexdigest()
+
+  def abstract_state(self) -> PipelineState:
+    """Shapes, dtypes and shardings of a `PipelineState` (to compile ahead of time)."""
+    plan, b = self.plan, self.microbatch_size
+    shapes = PipelineState(
+        stages=((plan.num_stages, plan.state_length), jnp.float32),
+        activations=((plan.num_stages, b, plan.activation_length), plan.activation_dtype),
+        labels=((plan.num_stages, b), jnp.int32), valid=((plan.num_stages,), jnp.bool_))
+    return jax.tree_util.tree_map(
+        lambda shape_dtype, sharding: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharding),
+        shapes, self.shardings, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def step_metrics(*calls: dict, num_microbatches: int) -> dict:

@@ -1,0 +1,150 @@
+"""The parallel benchmark: its reading of compiled HLO, and its command line end to end.
+
+No timing is asserted: speed is what the benchmark reports, not what tests pin.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import parallel_bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A loop (a scan's while) whose body calls a conditional with an all-reduce in one
+# branch and permutes a tuple itself; outside, an all-gather, an asynchronous
+# all-reduce pair and two collectives over single-device groups (which move nothing).
+_HLO = """\
+HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%branch_0 (p: f32[16]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  ROOT %psum.1 = f32[16]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1},{2,3}}, use_global_device_ids=true, to_apply=%add
+}
+
+%branch_1 (q: f32[16]) -> f32[16] {
+  ROOT %q = f32[16]{0} parameter(0)
+}
+
+%body (carry: (s32[], f32[16], f32[8,128])) -> (s32[], f32[16], f32[8,128]) {
+  %carry = (s32[], f32[16]{0}, f32[8,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%carry), index=0
+  %x = f32[16]{0} get-tuple-element(%carry), index=1
+  %y = f32[8,128]{1,0} get-tuple-element(%carry), index=2
+  %c = f32[16]{0} conditional(%i, %x, %x), branch_computations={%branch_0, %branch_1}
+  %ppermute.2 = (f32[8,128]{1,0}, s32[8]{0}, /*index=2*/pred[]) collective-permute(%y, %i, %i), channel_id=2, source_target_pairs={{0,1},{1,2}}
+  %self = f32[8,128]{1,0} collective-permute(%y), channel_id=3, source_target_pairs={{0,0}}
+  %y2 = f32[8,128]{1,0} get-tuple-element(%ppermute.2), index=0
+  ROOT %out = (s32[], f32[16]{0}, f32[8,128]{1,0}) tuple(%i, %c, %y2)
+}
+
+%cond (carry.1: (s32[], f32[16], f32[8,128])) -> pred[] {
+  %carry.1 = (s32[], f32[16]{0}, f32[8,128]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%carry.1), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (arg: f32[4]) -> f32[4] {
+  %arg = f32[4]{0} parameter(0)
+  %init = (s32[], f32[16]{0}, f32[8,128]{1,0}) custom-call(), custom_call_target="init"
+  %while.1 = (s32[], f32[16]{0}, f32[8,128]{1,0}) while(%init), condition=%cond, body=%body
+  %gathered = f32[2,4]{1,0} all-gather(%arg), channel_id=4, replica_groups=[1,2]<=[2], dimensions={0}
+  %start = f32[4]{0} all-reduce-start(%arg), channel_id=5, replica_groups={}, to_apply=%add
+  %done = f32[4]{0} all-reduce-done(%start)
+  %alone = f32[2,4]{1,0} all-reduce(%gathered), channel_id=6, replica_groups={{0},{1}}, to_apply=%add
+  %alone.iota = f32[4]{0} all-reduce(%done), channel_id=7, replica_groups=[2,1]<=[2], to_apply=%add
+  ROOT %r = f32[4]{0} add(%done, %alone.iota)
+}
+"""
+
+
+def test_collective_bytes_separates_loop_bodies_from_the_rest():
+  counted = parallel_bench.collective_bytes(_HLO)
+  # In the loop: the all-reduce of f32[16] in a branch (64 bytes) and the tuple permute
+  # (4096 + 32 + 1); the permute to itself moves nothing.
+  # Outside: the all-gather f32[2,4] (32) and the async all-reduce, counted once (16).
+  assert counted == {'in_loop_bytes': 64 + 4096 + 32 + 1, 'outside_loop_bytes': 32 + 16,
+                     'in_loop_ops': 2, 'outside_loop_ops': 2}, counted
+
+
+def test_convolution_kinds_names_whose_convolutions_run():
+  onednn = '  %c = f32[8,4]{1,0} custom-call(%x), custom_call_target="bwbpf_onednn_conv_forward"'
+  xla = '  %c = f32[1,4,4,8]{3,2,1,0} convolution(%x, %w), window={size=3x3}'
+  assert parallel_bench.convolution_kinds(onednn) == 'onednn'
+  assert parallel_bench.convolution_kinds(xla) == 'xla'
+  assert parallel_bench.convolution_kinds(onednn + '\n' + xla) == 'mixed'
+  assert parallel_bench.convolution_kinds(_HLO) == 'none'
+
+
+_TINY = ('--processes=2', '--arch=vgg11', '--width=0.125', '--image_size=16',
+         '--batch_size=16', '--microbatches=2', '--num_blocks=2', '--steps=1',
+         '--unit_repeats=1')
+_COMMON_FIELDS = ('config', 'arch', 'width', 'batch_size', 'microbatches', 'num_blocks',
+                  'pipeline_stages', 'processes', 'split_points', 'images_per_sec',
+                  'xla_memory_per_device', 'collective_bytes', 'convolutions', 'per_process',
+                  'load_avg_1m', 'jax')
+_PROCESS_FIELDS = ('cores', 'cpu_per_wall', 'peak_rss_bytes')
+
+
+def _bench(*flags, timeout=1500):
+  return subprocess.run([sys.executable, '-m', 'benchmarks.parallel_bench', *_TINY, *flags],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _lines(proc) -> dict:
+  return {line['config']: line for line in map(json.loads, (
+      l for l in proc.stdout.splitlines() if l.startswith('{')))}
+
+
+@pytest.mark.slow
+def test_every_configuration_reports_its_fields():
+  proc = _bench()
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = _lines(proc)
+  assert sorted(lines) == sorted(['sync', 'sync_full_batch', 'blocks', 'data_bwbpf',
+                                  'data_bp', 'host_dispatch']), proc.stdout
+  for config, line in lines.items():
+    missing = [f for f in _COMMON_FIELDS if f not in line]
+    assert not missing, (config, missing)
+    assert line['images_per_sec'] > 0, line
+    assert line['xla_memory_per_device']['temp_bytes'] > 0, line
+    processes = 1 if config in ('sync', 'sync_full_batch', 'host_dispatch') else 2
+    assert len(line['per_process']) == processes, line
+    for process in line['per_process']:
+      assert all(f in process for f in _PROCESS_FIELDS), (config, process)
+      assert process['cpu_per_wall'] > 0, (config, process)
+    if config not in ('sync', 'sync_full_batch'):
+      assert line['speedup'] > 0 and line['parallel_efficiency'] > 0, line
+  # Each multi-process worker ran pinned to a core of its own.
+  assert [p['cores'] for p in lines['blocks']['per_process']] in ([[0], [1]], [[1], [0]]) \
+      or len(os.sched_getaffinity(0)) < 2
+  blocks = lines['blocks']
+  assert blocks['mesh'] == {'data': 1, 'stage': 2}
+  # Per tick, stage 0 sends its micro-batch's activations (8 examples) on.
+  assert blocks['collective_bytes']['per_tick'] >= 8 * blocks['activation_bytes_per_example']
+  assert 0 < blocks['bubble_fraction'] < 1
+  # Data parallelism all-reduces gradients once per step, outside any loop.
+  assert lines['data_bp']['collective_bytes']['per_step'] > 0
+  assert lines['data_bp']['collective_bytes']['per_tick'] == 0
+  assert lines['sync']['collective_bytes']['total_per_step'] == 0
+
+
+def test_a_failing_worker_names_its_configuration_and_stops_the_others():
+  # Process 1 fails at once. Process 0, left alone, would wait for it in
+  # jax.distributed.initialize for 120 s and the run would pass `timeout`: it must be killed.
+  proc = _bench('--configs=blocks', '--split_points=4', '--fail_process=1', timeout=90)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert errors == ['error: configuration blocks failed: worker 1 exited with 1: '
+                    'error: process 1 failed on purpose (--fail_process)'], proc.stderr
+  assert not [l for l in proc.stdout.splitlines() if l.startswith('{')]
