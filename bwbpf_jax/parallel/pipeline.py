@@ -364,12 +364,33 @@ def _varying(tree, axes: tuple):
   return jax.tree_util.tree_map(cast, tree)
 
 
-def _stage_and_data(tree):
-  return _varying(tree, (STAGE_AXIS, DATA_AXIS))
-
-
 def _stage_only(tree):
   return _varying(tree, (STAGE_AXIS,))
+
+
+def _permute_as_one(tree, perm):
+  """`lax.ppermute` of a pytree of per-example arrays ([b, ...]; scalars ride along) as one message.
+
+  Each collective is a synchronisation between devices, whose latency (a
+  wake-up, a network round trip) does not shrink with its size; so the leaves
+  travel as the columns of one float32 [b, n] array when they are float32, or
+  integers and flags that float32 holds exactly (labels below 2**24). Other
+  dtypes (bfloat16 activations, whose bytes would double) are sent leaf by leaf.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if any(leaf.dtype not in (jnp.float32, jnp.int32, jnp.bool_) for leaf in leaves):
+    return lax.ppermute(tree, STAGE_AXIS, perm)
+  rows = max(leaf.shape[0] for leaf in leaves if leaf.ndim)
+  columns = [jnp.broadcast_to(leaf, (rows,)) if leaf.ndim == 0 else leaf for leaf in leaves]
+  columns = [c.reshape(rows, -1).astype(jnp.float32) for c in columns]
+  message = lax.ppermute(jnp.concatenate(columns, axis=1), STAGE_AXIS, perm)
+  received, offset = [], 0
+  for leaf, column in zip(leaves, columns):
+    part = message[:, offset:offset + column.shape[1]]
+    offset += column.shape[1]
+    part = part[0, 0] if leaf.ndim == 0 else part.reshape(leaf.shape)
+    received.append(part.astype(leaf.dtype) if leaf.dtype != jnp.bool_ else part > 0.5)
+  return jax.tree_util.tree_unflatten(treedef, received)
 
 
 def _gather_over_stages(tree):
@@ -517,9 +538,8 @@ class StagePipeline:
 
   def _train(self, state: PipelineState, feed, num_idle: int):
     """Runs M fed ticks (if `feed`) then `num_idle` empty ones; returns (state, metrics [K])."""
-    feed_spec = _spec(STAGE_AXIS, DATA_AXIS)
-    state_specs = (_spec(STAGE_AXIS), _spec(STAGE_AXIS, DATA_AXIS),
-                   _spec(STAGE_AXIS, DATA_AXIS), _spec(STAGE_AXIS))
+    feed_spec = self._per_example_spec
+    state_specs = (_spec(STAGE_AXIS), feed_spec, feed_spec, _spec(STAGE_AXIS))
     body = functools.partial(self._train_on_device, num_idle=num_idle)
     run = jax.shard_map(
         body, mesh=self.mesh,
@@ -544,7 +564,7 @@ class StagePipeline:
     touched (evaluate drained states).
     """
     feed = {name: batch[name] for name in ('image', 'label', 'mask')}
-    feed_spec = _spec(STAGE_AXIS, DATA_AXIS)
+    feed_spec = self._per_example_spec
     run = jax.shard_map(
         self._evaluate_on_device, mesh=self.mesh,
         in_specs=(_spec(STAGE_AXIS), {name: feed_spec for name in feed}),
@@ -575,11 +595,11 @@ class StagePipeline:
         def fed_tick(carry, slot, owner=owner):
           item = jax.tree_util.tree_map(lambda x: x[slot], feed)
           if owner:
-            item = lax.ppermute(item, STAGE_AXIS, [(owner, 0)])
+            item = _permute_as_one(item, [(owner, 0)])
           return tick(carry, item, True), None
         carry, _ = lax.scan(fed_tick, carry, jnp.arange(count))
     if num_idle:
-      idle = _stage_and_data(idle_item)
+      idle = self._per_example_varying(idle_item)
       carry, _ = lax.scan(lambda carry, _: (tick(carry, idle, False), None), carry, None,
                           length=num_idle)
     return carry
@@ -590,10 +610,27 @@ class StagePipeline:
               'label': ((b,), jnp.int32), 'mask': ((b,), jnp.float32)}
     return {name: jnp.zeros(*shapes[name]) for name in names}
 
+  @property
+  def _per_example_spec(self):
+    """How per-example arrays are split: on 'stage' and, with several rows, on 'data'.
+
+    With one data row the program's values do not vary over 'data' at all, so
+    nothing needs averaging over it (no collective among one device).
+    """
+    return _spec(STAGE_AXIS, DATA_AXIS) if self.num_rows > 1 else _spec(STAGE_AXIS)
+
+  def _per_example_varying(self, tree):
+    """Marks leaves as varying the way per-example values do (see `_per_example_spec`)."""
+    return _varying(tree, (STAGE_AXIS, DATA_AXIS) if self.num_rows > 1 else (STAGE_AXIS,))
+
   def _handoff(self, values):
-    """Each stage's outputs to the next stage (the last one's go nowhere)."""
+    """Each stage's outputs to the next stage (the last one's go nowhere), in one message."""
     to_next = [(s, s + 1) for s in range(self.plan.num_stages - 1)]
-    return lax.ppermute(values, STAGE_AXIS, to_next)
+    return _permute_as_one(values, to_next)
+
+  def _mean_over_rows(self, tree):
+    """The mean over the data rows; with one row, nothing (not even a collective to itself)."""
+    return lax.pmean(tree, DATA_AXIS) if self.num_rows > 1 else tree
 
   def _train_on_device(self, stages, activations, act_labels, act_valid, feed, *, num_idle):
     """Per device: its stage's [1, L] state, [1, b_d, A] input; feed slots [c, b_d, ...]."""
@@ -617,8 +654,7 @@ class StagePipeline:
             stage, forwards, state, item['image'], x, labels)
       # Rows' running statistics differ under 'rows' (and are equal under 'global'): their
       # mean keeps every row's state the same, as the out_specs declare.
-      grads, stats, losses, accuracies = lax.pmean((grads, stats, losses, accuracies),
-                                                   DATA_AXIS)
+      grads, stats, losses, accuracies = self._mean_over_rows((grads, stats, losses, accuracies))
       state, skipped = lax.switch(stage, updates, state, stats, grads, losses, valid)
       sums = sums + jnp.where(valid, jnp.stack([losses, accuracies, skipped]), 0.0)
       count = count + valid.astype(jnp.float32)
@@ -640,7 +676,7 @@ class StagePipeline:
     # Each data row differentiates its own copy of the state: varying over 'data' before
     # the gradient is taken, so AD sums nothing over rows inside this branch (the
     # rows' gradients are averaged after the switch).
-    block_states = _stage_and_data(plan.state_packings[s].unpack(state_vector))
+    block_states = self._per_example_varying(plan.state_packings[s].unpack(state_vector))
     x = self._stage_input(s, image, activation)
     grads, stats, losses, accuracies = [], [], [], []
     for k, block_state in zip(plan.stage_blocks[s], block_states):
@@ -651,7 +687,7 @@ class StagePipeline:
       losses.append(loss)
       accuracies.append(step_lib.accuracy(outputs['logits'], labels))
     pad = plan.blocks_per_stage - len(losses)
-    return _stage_and_data((plan.grad_packings[s].pack(tuple(grads), plan.grad_length),
+    return self._per_example_varying((plan.grad_packings[s].pack(tuple(grads), plan.grad_length),
                             plan.stats_packings[s].pack(tuple(stats), plan.stats_length),
                             self._output(s, x),
                             jnp.pad(jnp.stack(losses), (0, pad)),
@@ -712,7 +748,7 @@ class StagePipeline:
       return out, labels, mask, valid, sums, count
 
     b = self.microbatch_size // self.num_rows
-    init = _stage_and_data((
+    init = self._per_example_varying((
         jnp.zeros((b, plan.activation_length), plan.activation_dtype),
         jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32), jnp.zeros((), bool),
         jnp.zeros((len(_EVAL_METRICS), plan.blocks_per_stage), jnp.float32),
@@ -720,12 +756,13 @@ class StagePipeline:
     *_, sums, count = self._ticks(tick, init, feed, num_stages - 1,
                                   self._idle_item(('image', 'label', 'mask')))
     # Sums over the data rows' examples, then every stage's, outside any conditional.
-    sums, count = lax.psum((sums, count), DATA_AXIS)
+    if self.num_rows > 1:
+      sums, count = lax.psum((sums, count), DATA_AXIS)
     return _gather_over_stages((sums, count))
 
   def _stage_evaluate(self, s, state_vector, image, activation, labels, mask):
     plan = self.plan
-    block_states = _stage_and_data(plan.state_packings[s].unpack(state_vector))
+    block_states = self._per_example_varying(plan.state_packings[s].unpack(state_vector))
     x = self._stage_input(s, image, activation)
     targets = {'label': labels, 'mask': mask}
     sums = []
@@ -734,7 +771,7 @@ class StagePipeline:
       sums.append(jnp.stack([correct, loss]))
     pad = plan.blocks_per_stage - len(sums)
     sums = jnp.pad(jnp.stack(sums, axis=1), ((0, 0), (0, pad)))
-    return _stage_and_data((self._output(s, x), sums))
+    return self._per_example_varying((self._output(s, x), sums))
 
   # -- the host's view: what this process holds, nothing gathered
 
