@@ -333,7 +333,8 @@ class PipelineState:
     activations: [S, b, A], the input stage s takes at its next tick (its
       predecessor's output), b the micro-batch size (sharded on 'stage' and 'data').
     labels: [S, b] int32, the labels travelling with `activations`.
-    valid: [S] bool, whether stage s's next input is a real micro-batch.
+    valid: [S, b] bool, whether stage s's next input is a real micro-batch (the same
+      for every example: it travels with them, in the same message).
   """
   stages: jax.Array
   activations: jax.Array
@@ -344,7 +345,7 @@ class PipelineState:
 def _state_shardings(mesh) -> PipelineState:
   named = lambda *axes: jax.sharding.NamedSharding(mesh, _spec(*axes))
   return PipelineState(stages=named(STAGE_AXIS), activations=named(STAGE_AXIS, DATA_AXIS),
-                       labels=named(STAGE_AXIS, DATA_AXIS), valid=named(STAGE_AXIS))
+                       labels=named(STAGE_AXIS, DATA_AXIS), valid=named(STAGE_AXIS, DATA_AXIS))
 
 
 def _put_global(host: np.ndarray, sharding) -> jax.Array:
@@ -487,7 +488,7 @@ class StagePipeline:
         activations=np.zeros((plan.num_stages, b, plan.activation_length),
                              plan.activation_dtype),
         labels=np.zeros((plan.num_stages, b), np.int32),
-        valid=np.zeros((plan.num_stages,), bool))
+        valid=np.zeros((plan.num_stages, b), bool))
     return PipelineState(
         stages=stages,
         **{name: _put_global(value, getattr(self.shardings, name))
@@ -539,7 +540,7 @@ class StagePipeline:
   def _train(self, state: PipelineState, feed, num_idle: int):
     """Runs M fed ticks (if `feed`) then `num_idle` empty ones; returns (state, metrics [K])."""
     feed_spec = self._per_example_spec
-    state_specs = (_spec(STAGE_AXIS), feed_spec, feed_spec, _spec(STAGE_AXIS))
+    state_specs = (_spec(STAGE_AXIS), feed_spec, feed_spec, feed_spec)
     body = functools.partial(self._train_on_device, num_idle=num_idle)
     run = jax.shard_map(
         body, mesh=self.mesh,
@@ -646,7 +647,7 @@ class StagePipeline:
       state, x, x_labels, x_valid, sums, count = carry
       first = stage == 0
       labels = jnp.where(first, item['label'], x_labels)
-      valid = jnp.where(first, fed, x_valid)
+      valid_rows = jnp.where(first, fed, x_valid)
       # XLA:CPU runs its own convolutions about 20x slower inside a conditional; oneDNN's
       # (a custom call, fine in this per-device code) keep their speed there.
       with layers.per_device_code(), statistics():
@@ -654,12 +655,15 @@ class StagePipeline:
             stage, forwards, state, item['image'], x, labels)
       # Rows' running statistics differ under 'rows' (and are equal under 'global'): their
       # mean keeps every row's state the same, as the out_specs declare.
-      grads, stats, losses, accuracies = self._mean_over_rows((grads, stats, losses, accuracies))
+      # The slot's validity, the same on every row, rides along to be known as such.
+      grads, stats, losses, accuracies, valid = self._mean_over_rows(
+          (grads, stats, losses, accuracies, valid_rows[0].astype(jnp.float32)))
+      valid = valid > 0.5
       state, skipped = lax.switch(stage, updates, state, stats, grads, losses, valid)
       sums = sums + jnp.where(valid, jnp.stack([losses, accuracies, skipped]), 0.0)
       count = count + valid.astype(jnp.float32)
-      out, labels, valid = self._handoff((out, labels, valid))
-      return state, out, labels, valid, sums, count
+      out, labels, valid_rows = self._handoff((out, labels, valid_rows))
+      return state, out, labels, valid_rows, sums, count
 
     init = (stages[0], activations[0], act_labels[0], act_valid[0],
             _stage_only(jnp.zeros((len(_METRICS), plan.blocks_per_stage), jnp.float32)),
@@ -841,7 +845,7 @@ class StagePipeline:
     shapes = PipelineState(
         stages=((plan.num_stages, plan.state_length), jnp.float32),
         activations=((plan.num_stages, b, plan.activation_length), plan.activation_dtype),
-        labels=((plan.num_stages, b), jnp.int32), valid=((plan.num_stages,), jnp.bool_))
+        labels=((plan.num_stages, b), jnp.int32), valid=((plan.num_stages, b), jnp.bool_))
     return jax.tree_util.tree_map(
         lambda shape_dtype, sharding: jax.ShapeDtypeStruct(*shape_dtype, sharding=sharding),
         shapes, self.shardings, is_leaf=lambda x: isinstance(x, tuple))
