@@ -34,10 +34,16 @@ A mode with the suffix `_remat` (`bp_remat`, `deep_supervision_remat`,
 `bwbpf_remat`) is that mode with gradient checkpointing of every unit
 (`build_model(remat=True)`); the PyTorch peer has no such mode.
 `--compare_torch` adds the PyTorch peer of each mode (benchmarks/torch_peer.py;
-needs `pip install torch==2.13.0`).
+needs `pip install -r requirements-bench.txt`).
+
+Before anything is timed, the modes are checked against `all_modes()` and, with
+--compare_torch, PyTorch is imported and the peer's limits checked: a mistake
+ends with one line naming the fix and exit code 2, not after minutes of JAX
+timings (1: a worker failed while measuring).
 """
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -150,6 +156,40 @@ def _tree_bytes(tree) -> int:
 
 
 REMAT_SUFFIX = '_remat'
+# bwbpf_jax.MODES, spelled out: the parent process does not import JAX.
+BASE_MODES = ('bp', 'deep_supervision', 'bwbpf')
+TORCH_INSTALL = 'pip install -r requirements-bench.txt'
+
+
+def all_modes() -> tuple:
+  """Every mode --modes accepts: the training modes, then each with gradient checkpointing."""
+  return BASE_MODES + tuple(mode + REMAT_SUFFIX for mode in BASE_MODES)
+
+
+def check_request() -> None:
+  """Raises SystemExit(one line, code 2) for a request the workers could not measure."""
+  unknown = [mode for mode in FLAGS.modes if mode not in all_modes()]
+  if unknown:
+    _refuse(f'unknown mode{"s" if len(unknown) > 1 else ""} {", ".join(unknown)} in --modes; '
+            f'choose from {", ".join(all_modes())}')
+  if not FLAGS.compare_torch:
+    return
+  if FLAGS.aux_head != 'linear' or FLAGS.local_loss != 'xent':
+    _refuse('the PyTorch peer has linear heads and cross-entropy only; drop --compare_torch '
+            'or --aux_head/--local_loss')
+  if FLAGS.split_by != 'stages':
+    _refuse('the PyTorch peer cuts at stages only (--split_by=stages); drop --compare_torch '
+            'or --split_by')
+  try:
+    importlib.import_module('torch')
+  except ImportError as e:
+    _refuse(f'--compare_torch needs PyTorch ({e}); install it with `{TORCH_INSTALL}` '
+            f'(torch, CPU build), or drop --compare_torch')
+
+
+def _refuse(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  raise SystemExit(2)
 
 
 def measure_jax(mode: str) -> dict:
@@ -273,6 +313,7 @@ def main(argv):
   if FLAGS.worker:
     _worker(FLAGS.worker)
     return
+  check_request()
   failures = 0
   for mode in FLAGS.modes:
     if FLAGS.jax:

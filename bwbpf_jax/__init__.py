@@ -10,6 +10,12 @@ behaviour) and with plain backprop, for honest comparisons.
     states = bwbpf_jax.init_block_states(model, tx, jax.random.key(0), (32, 32, 3))
     train_step = bwbpf_jax.make_train_step(model, tx)
     states, metrics = train_step(states, {'image': images, 'label': labels})
+
+Sub-packages are attributes too: `bwbpf_jax.data` (datasets, batches),
+`bwbpf_jax.cost` (FLOPs, activation memory), `bwbpf_jax.parallel` (meshes,
+data and block parallelism), `bwbpf_jax.checkpoint` (orbax save/restore).
+Blocks are numbered 1..K in messages and docstrings, as on the command line;
+Python lists of blocks are indexed from 0 (block k is `model.blocks[k - 1]`).
 """
 
 from bwbpf_jax.errors import UsageError
@@ -23,3 +29,5 @@ from bwbpf_jax.state import (BlockState, abstract_block_states, backbone_param_c
                              init_block_states)
 from bwbpf_jax.step import (eval_step, make_blockwise_train_step, make_eval_step,
                             make_train_step, train_step)
+# Sub-packages, reachable as bwbpf_jax.data etc. without importing them by name.
+from bwbpf_jax import checkpoint, cost, data, parallel  # pylint: disable=g-bad-import-order

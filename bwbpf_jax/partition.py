@@ -1,9 +1,10 @@
 """Cutting a network's unit sequence into K blocks, each a Flax module with its own head.
 
 A network is `stem, unit_0 .. unit_{n-1}, classifier`. Split points are the unit
-indices where a new block starts: K blocks have K-1 of them. The stem always
-belongs to block 0 and the classifier is block K-1's head; blocks 0..K-2 end in
-an auxiliary head.
+indices where a new block starts: K blocks have K-1 of them. Blocks are
+numbered 1..K (as on the command line; `model.blocks[k - 1]` is block k). The
+stem always belongs to block 1 and the classifier is block K's head; blocks
+1..K-1 end in an auxiliary head.
 
 Where each block's input is detached, and which heads see detached features, is
 what distinguishes the three training modes (see `MODES`); the parameters, the
@@ -171,7 +172,7 @@ def validate_split_points(split_points: Sequence[int], num_units: int) -> tuple:
   return points
 
 
-def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
+def build_model(arch: str, *, num_classes: int, num_blocks: Optional[int] = None,
                 split_points: Optional[Sequence[int]] = None, mode: str = 'bwbpf',
                 aux_head: Union[str, Sequence[str]] = 'linear', width: float = 1.0,
                 stem: str = 'cifar', dtype: Any = jnp.float32, local_loss: str = 'xent',
@@ -181,17 +182,18 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
 
   Args:
     arch: one of `models.ARCHITECTURES`.
-    num_classes: classes of every head.
-    num_blocks: K; ignored when `split_points` is given. K=1 is plain backprop.
-    split_points: unit indices where blocks 1..K-1 start, overriding the default.
+    num_classes: classes of every head (at least 2).
+    num_blocks: K (default 4, or what `split_points` makes). K=1 is plain backprop.
+    split_points: unit indices where blocks 2..K start, instead of the default cut;
+      with `num_blocks` too, the two must agree.
     mode: one of `MODES`.
-    aux_head: head of blocks 0..K-2 (one of `models.HEADS`), or a list of K-1
-      names, one per auxiliary block; block K-1's head is always the standard
+    aux_head: head of blocks 1..K-1 (one of `models.HEADS`), or a list of K-1
+      names, one per auxiliary block; block K's head is always the standard
       linear classifier.
-    width: channel multiplier (0.25 for quick CPU runs).
+    width: channel multiplier, positive (0.25 for quick CPU runs).
     stem: 'cifar' (3x3, stride 1) or 'imagenet' (7x7 stride 2 + max-pool), ResNets only.
     dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16 on accelerators.
-    local_loss: loss of blocks 0..K-2, one of `LOSSES`.
+    local_loss: loss of blocks 1..K-1, one of `LOSSES`.
     loss_weights: InfoPro's (reconstruction, task) weights of the first and the
       last auxiliary block, `(recon_first, task_first, recon_last, task_last)`,
       linear in between; used by the *_recon losses (default
@@ -203,10 +205,22 @@ def build_model(arch: str, *, num_classes: int, num_blocks: int = 4,
   """
   if mode not in MODES:
     raise UsageError(f'unknown mode {mode!r}; choose one of {", ".join(MODES)}')
+  # The command line's checks (experiments/config.py), in the same words, for library users.
+  if not width > 0:
+    raise UsageError(f'width must be positive, got {width}')
+  if num_classes < 2:
+    raise UsageError(f'num_classes must be at least 2, got {num_classes}')
+  if num_blocks is not None and num_blocks < 1:
+    raise UsageError(f'num_blocks must be at least 1, got {num_blocks}')
+  if (num_blocks is not None and split_points is not None
+      and num_blocks != len(split_points) + 1):
+    raise UsageError(f'split_points={",".join(map(str, split_points))} makes '
+                     f'{len(split_points) + 1} blocks but num_blocks={num_blocks}; give one of '
+                     f'the two')
   stem_module, units, stage_of_unit = models.architecture_units(
       arch, width=width, stem=stem, dtype=dtype)
   if split_points is None:
-    split_points = default_split_points(stage_of_unit, num_blocks)
+    split_points = default_split_points(stage_of_unit, 4 if num_blocks is None else num_blocks)
   split_points = validate_split_points(split_points, len(units))
   bounds = (0,) + split_points + (len(units),)
   num_blocks = len(bounds) - 1
@@ -255,7 +269,7 @@ def aux_loss_specs(local_loss: str, num_aux: int,
                    loss_weights: Optional[Sequence[float]] = None) -> tuple:
   """The `LossSpec` of each auxiliary block: InfoPro's weights, linear in the block's index.
 
-  Block k of the K-1 auxiliary blocks gets ratio r = k / (K-2) (0 when K = 2):
+  Auxiliary block k of 1..K-1 gets ratio r = (k-1) / (K-2) (0 when K = 2):
   reconstruction weight (1-r) recon_first + r recon_last, task weight likewise.
   """
   if local_loss not in LOSSES:

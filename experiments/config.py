@@ -5,6 +5,7 @@ Precedence, strongest first: a flag given on the command line, the named
 """
 
 import dataclasses
+import difflib
 import json
 from typing import Optional
 
@@ -197,20 +198,50 @@ FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Config))
 def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
   """Builds the run's Config from explicit overrides (given flags) and a preset name."""
   if preset is not None and preset not in PRESETS:
-    raise UsageError(f'unknown preset {preset!r}; see --helpfull or experiments/config.py '
-                     f'(e.g. {", ".join(list(PRESETS)[:2])}, ...)')
+    close = difflib.get_close_matches(preset, PRESETS, n=3, cutoff=0.6)
+    hint = f'did you mean {" or ".join(close)}? ' if close else ''
+    raise UsageError(f'unknown preset {preset!r}; {hint}--list_presets lists all '
+                     f'{len(PRESETS)} with their settings')
   unknown = set(overrides) - set(FIELD_NAMES)
   if unknown:
     raise UsageError(f'unknown config fields: {", ".join(sorted(unknown))}')
   preset_values = PRESETS.get(preset, {})
+  _refuse_contradictions(overrides, preset_values)
   dataset = overrides.get('dataset', preset_values.get('dataset', Config.dataset))
   values = {**DATASET_DEFAULTS.get(dataset, {}), **preset_values, **overrides}
   for name in ('split_points', 'loss_weights'):
     if values.get(name) is not None:
       values[name] = tuple(values[name])
+  if values.get('split_points') is not None and 'num_blocks' not in overrides:
+    # The cut decides K; the dataset's or preset's default K gives way to it.
+    values['num_blocks'] = len(values['split_points']) + 1
   config = Config(**values)
   _validate(config)
   return config
+
+
+def _refuse_contradictions(overrides: dict, preset_values: dict):
+  """Refuses flags that contradict each other (or the preset) instead of ignoring one."""
+  chosen = {**preset_values, **overrides}
+  split_points = chosen.get('split_points')
+  if ('num_blocks' in overrides and split_points is not None
+      and overrides['num_blocks'] != len(split_points) + 1):
+    raise UsageError(f'--split_points={",".join(map(str, split_points))} makes '
+                     f'{len(split_points) + 1} blocks but --num_blocks={overrides["num_blocks"]}; '
+                     f'give one of the two')
+  if 'loss_weights' in overrides and not chosen.get('local_loss', '').endswith('_recon'):
+    raise UsageError('--loss_weights weighs the reconstruction losses; it needs '
+                     '--local_loss=xent_recon or supcon_recon')
+  if 'auglocal_depth' in overrides and chosen.get('aux_head') != 'auglocal':
+    raise UsageError('--auglocal_depth sets the auglocal head\'s depth; it needs '
+                     '--aux_head=auglocal')
+  for name in ('pipeline_stages', 'microbatches'):
+    if name in overrides and chosen.get('parallel') != 'blocks':
+      raise UsageError(f'--{name} sets up the stage pipeline; it needs --parallel=blocks')
+  if ('stop_at_step' in overrides and chosen.get('max_steps') is not None
+      and overrides['stop_at_step'] >= chosen['max_steps']):
+    raise UsageError(f'--stop_at_step={overrides["stop_at_step"]} does not stop a run of '
+                     f'--max_steps={chosen["max_steps"]} steps early; drop it or make it smaller')
 
 
 def _validate(config: Config):
@@ -239,6 +270,9 @@ def _validate(config: Config):
     if getattr(config, name) not in allowed:
       raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
                        f'got {getattr(config, name)!r}')
+  if config.split_points is not None and config.num_blocks != len(config.split_points) + 1:
+    raise UsageError(f'{len(config.split_points)} split points make '
+                     f'{len(config.split_points) + 1} blocks, not num_blocks={config.num_blocks}')
   if config.split_by != 'stages' and config.split_points is not None:
     raise UsageError(f'--split_points sets the cut itself; drop --split_by={config.split_by}')
   if config.train_step == 'blockwise' and config.mode != 'bwbpf':

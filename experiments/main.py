@@ -44,13 +44,15 @@ Several devices and hosts (see experiments/engine.py):
                              every batch, process 0 writes the logs and results
 
 Exit codes, each failure with one line on stderr:
-    0    finished (or was already finished)
-    1    a block's loss became non-finite (block and step named; nothing after the
-         last good checkpoint saved); rerun with --skip_nonfinite, or change the
-         config with --overwrite
+    0    finished (or was already finished); also --help, -h, --helpfull, --list_presets
     2    a mistake in the flags, the data, the workdir (another run's config, or
          another run still using it) or an unreadable checkpoint (named)
-    130  stopped by Ctrl-C (SIGINT) after saving a checkpoint; 143: by SIGTERM
+    3    a block's loss became non-finite (block and step named; nothing after the
+         last good checkpoint saved); rerun with --skip_nonfinite, or change the
+         config with --overwrite
+    130  stopped by Ctrl-C (SIGINT) after saving a checkpoint; 143: by SIGTERM;
+    141  stopped because the output pipe closed (`... | head`), after saving a checkpoint
+(1 is left to Python itself: an uncaught exception, a bug to report.)
 """
 
 import os
@@ -185,17 +187,40 @@ def _given_flags() -> dict:
 
 
 # --augment was a boolean before it named a choice; the old spellings still work.
-_OLD_SPELLINGS = {'--augment': '--augment=crop_flip', '--noaugment': '--augment=none'}
+# -h is the usual short help (absl's own is -?).
+_OLD_SPELLINGS = {'--augment': '--augment=crop_flip', '--noaugment': '--augment=none',
+                  '-h': '--help'}
+_HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull', '--helpxml')
+# Exit codes (see the module docstring and README.md).
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
 
 
 def _parse_flags(argv):
-  """absl's parser, but a bad flag is one line and exit code 2 instead of a usage dump."""
+  """absl's parser, but a bad flag is one line and exit code 2, and help exits 0."""
   argv = [_OLD_SPELLINGS.get(arg, arg) for arg in argv]
   try:
     return FLAGS(argv)
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
+  except SystemExit as e:
+    # absl's help flags print the help and exit 1; asking for help is not a failure.
+    if e.code == 1 and any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:]):
+      _exit_quietly_if_output_closed(sys.stdout.flush)
+      sys.exit(0)
+    raise
+
+
+def _exit_quietly_if_output_closed(write):
+  """Calls `write`; a closed stdout pipe (`--list_presets | head -1`) just ends the output."""
+  try:
+    write()
+    sys.stdout.flush()
+  except BrokenPipeError:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit then goes nowhere.
+    os.close(devnull)
 
 
 def _quiet_closed_loop_callbacks():
@@ -219,9 +244,9 @@ def main(argv):
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)',
           file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
   if FLAGS.list_presets:
-    print('\n'.join(config_lib.describe_presets()))
+    _exit_quietly_if_output_closed(lambda: print('\n'.join(config_lib.describe_presets())))
     return
   # A log file gets every line as it is printed, not when a buffer fills.
   sys.stdout.reconfigure(line_buffering=True)
@@ -240,19 +265,33 @@ def main(argv):
                                    f'got {FLAGS.process_id}')
     parallel.initialize_distributed(*multi_process)
     config = config_lib.make_config(_given_flags(), FLAGS.preset)
-    workdir = FLAGS.workdir or os.path.join('runs', f'{config.dataset}_{config.arch}_{config.mode}')
+    workdir = FLAGS.workdir or default_workdir(config, FLAGS.preset)
     train.train_and_evaluate(config, workdir, checkpoint_every=FLAGS.checkpoint_every,
                              resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
                              progress_seconds=FLAGS.progress_seconds)
   except bwbpf_jax.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
   except train.NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(EXIT_NONFINITE)
   except train.Interrupted as e:
     print(e, file=sys.stderr)
-    sys.exit(128 + e.signum)
+    sys.exit(128 + e.signum)  # The shell's code for a process a signal ended (141: SIGPIPE).
+
+
+def default_workdir(config, preset=None) -> str:
+  """runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>: what ran, and on which folder.
+
+  Two image folders, or a preset and a plain run, then get workdirs of their own
+  instead of one refusing the other's config.
+  """
+  dataset = config.dataset
+  if config.data_dir and config.dataset in ('imagefolder', 'tiny_imagenet'):
+    folder = os.path.basename(os.path.normpath(os.path.expanduser(config.data_dir)))
+    dataset += f'-{folder}'
+  preset_part = f'{preset}_' if preset else ''
+  return os.path.join('runs', f'{dataset}_{preset_part}{config.arch}_{config.mode}')
 
 
 if __name__ == '__main__':

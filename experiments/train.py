@@ -46,6 +46,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -176,6 +177,8 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   wall_start = time.time()
   is_chief = jax.process_index() == 0
   log = log if is_chief else (lambda *args, **kwargs: None)
+  stop_signals = _StopSignals()
+  log = stop_signals.guard_output(log)
   check_workdir(config, workdir, overwrite)
   dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
   mean, std = data.normalization_stats(dataset.train_images)
@@ -230,10 +233,12 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     else:
       states, loop = _restore(engine, manager, start_step, abstract_states, config,
                               steps_per_epoch)
-    log(f'{config.arch} on {config.dataset} {image_shape}: {model.num_blocks} blocks of '
-        f'{list(bw.partition.block_unit_counts(model))} units, mode {config.mode}, '
-        f'{bw.backbone_param_count(model, abstract_states):,} backbone parameters, '
-        f'{steps_per_epoch} steps/epoch, engine {engine.name} on {engine.num_devices} device(s)')
+    log(f'{config.arch} x{config.width:g} on {config.dataset} {image_shape}: '
+        f'{model.num_blocks} blocks of {list(bw.partition.block_unit_counts(model))} units, '
+        f'mode {config.mode}, {bw.backbone_param_count(model, abstract_states):,} backbone parameters '
+        f'({bw.state.count_params([s.params for s in abstract_states]):,} with the auxiliary heads), '
+        f'{steps_per_epoch} steps/epoch, {_placement(engine)}')
+    log(_describe_data(dataset, config))
     log(f'learning rate {config.lr:g}, {warmup_steps} warm-up steps, cosine decay to 0 at '
         f'step {schedule_steps}; augmentation {config.augment}')
     log(f'auxiliary heads {config.aux_head} with loss {config.local_loss}: '
@@ -249,7 +254,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     run = _Run(config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
                last_step, checkpoint_every, log, is_chief,
                lambda step: float(learning_rate(max(step * updates_per_batch - 1, 0))),
-               progress_seconds, with_pixels=bw.step.needs_pixels(model))
+               progress_seconds, stop_signals, with_pixels=bw.step.needs_pixels(model))
     states, loop, train_metrics, test_metrics = run.train(states, loop, start_step)
     run.check_finite_params(states, loop.step)
     results = {
@@ -259,6 +264,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
         'block_test_loss': test_metrics['loss'],
         'block_train_accuracy': train_metrics['accuracy'],
         'block_train_loss': train_metrics['loss'],
+        'num_blocks': model.num_blocks,
         'split_points': list(model.split_points),
         'backbone_params': bw.backbone_param_count(model, abstract_states),
         'aux_flop_fraction': aux_flops['total'],
@@ -297,7 +303,7 @@ class _Run:
 
   def __init__(self, config, workdir, engine, manager, dataset, mean, std, steps_per_epoch,
                last_step, checkpoint_every, log, is_chief, learning_rate, progress_seconds,
-               with_pixels=False):
+               stop_signals, with_pixels=False):
     self.config, self.workdir, self.engine, self.manager = config, workdir, engine, manager
     # Batches carry the unnormalised images when a block reconstructs them.
     self.with_pixels = with_pixels
@@ -306,6 +312,7 @@ class _Run:
     self.checkpoint_every, self.log, self.is_chief = checkpoint_every, log, is_chief
     # The learning rate of the last update before a step: learning_rate(step) -> float.
     self.learning_rate, self.progress_seconds = learning_rate, progress_seconds
+    self.stop_signals = stop_signals  # SIGINT, SIGTERM and a closed stdout pipe.
     self.saved_step = None
     self.clock = None  # (loop.wall_seconds, time.monotonic()) when this process began.
     self.last_record = None  # (train_seconds, timed_images) at the previous train record.
@@ -370,10 +377,11 @@ class _Run:
     self.last_record = (loop.train_seconds, loop.timed_images)
     writer = writers.MetricWriter(self.workdir, enabled=self.is_chief)
     progress = writers.Progress(last_step, steps_per_epoch, config.batch_size,
-                                enabled=self.is_chief, interval_s=self.progress_seconds)
+                                enabled=self.is_chief, interval_s=self.progress_seconds,
+                                log=self.log)
     train_metrics = test_metrics = None
     try:
-      with _StopSignals() as stop:
+      with self.stop_signals as stop:
         while True:
           if stop.signum is not None and loop.step < last_step:
             self.stop(states, loop, stop.signum, progress)
@@ -472,22 +480,48 @@ class _Run:
     progress.clear()
     path = self.save(states, loop)
     name = signal.Signals(signum).name
+    if signum == signal.SIGPIPE:
+      name += ' (the output pipe closed)'
     raise Interrupted(f'stopped by {name} at step {loop.step} of {self.last_step}; checkpoint '
                       f'in {path}; rerun the same command to resume', signum)
 
 
 class _StopSignals:
-  """Turns SIGINT and SIGTERM into a flag (`signum`) that the loop checks between steps.
+  """Turns SIGINT, SIGTERM and a closed stdout pipe into a flag (`signum`) checked between steps.
 
   The first signal only sets the flag, so the loop can finish its step and save;
   the handler then puts the previous one back, so a second signal acts at once
   (Ctrl-C twice raises KeyboardInterrupt). Outside the main thread, where Python
   cannot install handlers, signals keep their usual meaning.
+
+  A closed output pipe (`python -m experiments.main | head -1`) is the same
+  request to stop: Python ignores SIGPIPE, so the next print raises
+  BrokenPipeError instead; `guard_output` catches it there and sets the flag to
+  SIGPIPE, and the run saves a checkpoint and stops like a signalled one.
   """
 
   def __init__(self):
     self.signum = None
+    self.output_closed = False
     self._previous = {}
+
+  def guard_output(self, log):
+    """`log`, except that a write to a closed stdout pipe asks the loop to stop."""
+    def guarded_log(*args, **kwargs):
+      if self.output_closed:
+        return
+      try:
+        log(*args, **kwargs)
+        sys.stdout.flush()
+      except BrokenPipeError:
+        self.output_closed = True
+        # Later prints, and Python's flush at exit, then go nowhere instead of failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        if self.signum is None:
+          self.signum = signal.SIGPIPE
+    return guarded_log
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():

@@ -161,9 +161,11 @@ class Progress:
 
   def __init__(self, total_steps: int, steps_per_epoch: int, batch_size: int,
                enabled: bool = True, stream=None, log_stream=None,
-               interval_s: float = PROGRESS_SECONDS):
+               interval_s: float = PROGRESS_SECONDS, log=None):
     self.stream = stream or sys.stderr
     self.log_stream = log_stream or sys.stdout
+    # Prints one log line; the training loop's guards against a closed output pipe.
+    self.log = log or (lambda line: print(line, file=self.log_stream, flush=True))
     self.enabled = enabled and self.stream.isatty()
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.batch_size = batch_size
@@ -209,7 +211,7 @@ class Progress:
 
   def _log_every(self, interval_s: float):
     while not self._stop.wait(interval_s):
-      print(self.line(), file=self.log_stream, flush=True)
+      self.log(self.line())
 
   def clear(self):
     if self.enabled:

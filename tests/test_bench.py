@@ -45,10 +45,38 @@ def test_forward_flops_match_a_hand_count():
   assert counted == by_hand, (counted, by_hand)
 
 
-def _bench(*flags):
+def _bench(*flags, env=None):
   return subprocess.run([sys.executable, '-m', 'benchmarks.bench', '--arch=vgg11', '--width=0.125',
                          '--batch_size=4', '--num_blocks=3', '--modes=bwbpf', '--steps=1',
-                         *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+                         *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **(env or {})})
+
+
+def _one_line_error(proc) -> str:
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+def test_modes_are_the_librarys_and_a_typo_lists_them_all():
+  assert sorted(bench.BASE_MODES) == sorted(bw.MODES)
+  proc = _bench('--modes=bwbpf,bpp')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert _one_line_error(proc) == (
+      'error: unknown mode bpp in --modes; choose from bp, deep_supervision, bwbpf, bp_remat, '
+      'deep_supervision_remat, bwbpf_remat')
+  assert not proc.stdout  # Nothing was timed.
+
+
+def test_compare_torch_without_torch_fails_before_timing(tmp_path):
+  # A torch package that cannot be imported, ahead of any installed one.
+  (tmp_path / 'torch').mkdir()
+  (tmp_path / 'torch' / '__init__.py').write_text(
+      "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+  proc = _bench('--compare_torch', env={'PYTHONPATH': f'{tmp_path}{os.pathsep}{REPO}'})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'pip install -r requirements-bench.txt' in _one_line_error(proc)
+  assert not proc.stdout  # The JAX step was not timed first.
 
 
 @pytest.mark.slow
@@ -67,6 +95,7 @@ def test_activation_split_is_measured_with_its_cut():
 
 
 def test_the_pytorch_peer_refuses_a_cut_it_does_not_have():
-  proc = _bench('--split_by=activations', '--nojax', '--compare_torch')
-  assert proc.returncode != 0
-  assert 'cuts at stages only' in proc.stderr
+  proc = _bench('--split_by=activations', '--compare_torch')
+  assert proc.returncode == 2
+  assert 'cuts at stages only' in _one_line_error(proc)
+  assert not proc.stdout

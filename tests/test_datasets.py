@@ -82,6 +82,19 @@ def test_dataset_checks_its_arrays():
     data.Dataset('toy', images, labels, images.astype(np.float32), labels, 2, ('a', 'b'))
   with pytest.raises(UsageError, match='class names'):
     data.Dataset('toy', images, labels, images, labels, 3, ('a', 'b'))
+  # One class leaves nothing to learn; an empty split nothing to train or test on.
+  with pytest.raises(UsageError, match='toy has 1 class; a classifier needs at least two'):
+    data.Dataset('toy', images, labels, images, labels, 1, ('a',))
+  with pytest.raises(UsageError, match='toy has no test images'):
+    data.Dataset('toy', images, labels, images[:0], labels[:0], 2, ('a', 'b'))
+
+
+def test_one_class_folder_is_refused(folder, tmp_path):
+  _remove_tree(folder / 'train' / 'dog')
+  _remove_tree(folder / 'test' / 'dog')
+  with pytest.raises(UsageError, match=r'has one class folder \(cat\); a classifier needs at '
+                     'least two'):
+    _load(folder, tmp_path)
 
 
 def test_unknown_name_lists_valid_names():
@@ -138,11 +151,12 @@ def test_corrupt_image_is_named(folder, tmp_path):
 
 def test_non_square_first_image_asks_for_image_size(tmp_path):
   root = tmp_path / 'images'
-  _save(str(root / 'train' / 'a' / '0.png'), size=(6, 4))
-  _save(str(root / 'test' / 'a' / '0.png'), size=(6, 4))
+  for class_name in ('a', 'b'):
+    _save(str(root / 'train' / class_name / '0.png'), size=(6, 4))
+    _save(str(root / 'test' / class_name / '0.png'), size=(6, 4))
   with pytest.raises(UsageError, match='image_size'):
     _load(root, tmp_path)
-  assert _load(root, tmp_path, image_size=5).train_images.shape == (1, 5, 5, 3)
+  assert _load(root, tmp_path, image_size=5).train_images.shape == (2, 5, 5, 3)
 
 
 @pytest.mark.parametrize('break_tree, message', [
@@ -175,6 +189,13 @@ def _remove_tree(path):
 def test_folder_datasets_need_data_dir():
   with pytest.raises(UsageError, match='data_dir'):
     data.load_dataset('imagefolder')
+
+
+def test_dataset_names_its_cache_file(folder, tmp_path):
+  dataset = _load(folder, tmp_path)
+  assert os.path.dirname(dataset.cache_path) == str(tmp_path / 'cache')
+  assert os.path.isfile(dataset.cache_path)
+  assert data.load_dataset('digits').cache_path is None
 
 
 def test_nothing_is_written_into_data_dir(folder, tmp_path):

@@ -163,6 +163,17 @@ class BadInputTest(parameterized.TestCase):
       ('bad_loss_weights', ['--local_loss=xent_recon', '--loss_weights=1,2'],
        'loss weights must be 4'),
       ('unknown_preset', ['--preset=paper_mnist'], 'unknown preset'),
+      ('preset_near_miss', ['--preset=paper_cifar10_resnet50_k3'],
+       "unknown preset 'paper_cifar10_resnet50_k3'; did you mean paper_cifar10_resnet50_k8 or "
+       'paper_cifar10_resnet50_k4 or paper_cifar10_resnet50_k16? --list_presets lists all'),
+      ('split_points_against_num_blocks', ['--split_points=2,4', '--num_blocks=4'],
+       '--split_points=2,4 makes 3 blocks but --num_blocks=4; give one of the two'),
+      ('loss_weights_without_reconstruction', ['--loss_weights=1,1,0,1'],
+       '--loss_weights weighs the reconstruction losses; it needs --local_loss=xent_recon'),
+      ('auglocal_depth_without_auglocal', ['--auglocal_depth=3'], 'needs --aux_head=auglocal'),
+      ('microbatches_without_pipeline', ['--microbatches=2'], 'needs --parallel=blocks'),
+      ('stop_at_step_past_max_steps', ['--stop_at_step=5'],
+       '--stop_at_step=5 does not stop a run of --max_steps=1 steps early'),
       ('too_many_blocks', ['--arch=resnet18', '--num_blocks=9'], 'cannot cut 8 units'),
       ('bad_split_points', ['--split_points=3,1'], 'strictly increasing'),
       ('negative_width', ['--width=-1'], '--width must be positive'),
@@ -170,7 +181,8 @@ class BadInputTest(parameterized.TestCase):
       ('blockwise_with_bp', ['--mode=bp', '--train_step=blockwise'], 'needs --mode=bwbpf'),
       ('split_by_and_points', ['--split_by=activations', '--split_points=2'],
        'drop --split_by=activations'),
-      ('bad_auglocal_depth', ['--auglocal_depth=0'], 'auglocal_depth must be at least 1'),
+      ('bad_auglocal_depth', ['--aux_head=auglocal', '--auglocal_depth=0'],
+       'auglocal_depth must be at least 1'),
   )
   def test_flag_errors_are_one_line_and_exit_2(self, flags, expected):
     proc = run_main(*flags, '--max_steps=1', f'--workdir={self.create_tempdir().full_path}')
@@ -186,6 +198,23 @@ class BadInputTest(parameterized.TestCase):
     self.assertNotIn('Traceback', proc.stderr)
     self.assertLen(_stderr_lines(proc), 1, proc.stderr)
     self.assertIn('/nonexistent/cifar', _stderr_lines(proc)[0])
+
+  def test_one_class_folder_is_refused(self):
+    root = self.create_tempdir().full_path
+    for split in ('train', 'test'):
+      os.makedirs(os.path.join(root, split, 'cat'))
+      for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+            os.path.join(root, split, 'cat', f'{i}.png'))
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    proc = run_main('--dataset=imagefolder', f'--data_dir={root}', '--max_steps=1',
+                    f'--workdir={workdir}',
+                    env={'BWBPF_CACHE_DIR': self.create_tempdir().full_path})
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertEqual(_stderr_only_line(proc),
+                     f'error: {root}/train has one class folder (cat); a classifier needs at '
+                     f'least two: add a folder of images for each class.')
+    self.assertFalse(os.path.exists(workdir))
 
   def test_unreadable_image_is_named(self):
     root = self.create_tempdir().full_path
@@ -283,6 +312,32 @@ class WorkdirTest(absltest.TestCase):
     self.assertFalse(os.path.exists(workdir))
 
 
+class ExitCodeTest(parameterized.TestCase):
+  """The documented exit codes (experiments/main.py, README.md), where a user meets them."""
+
+  @parameterized.parameters('--help', '-h', '--helpfull')
+  def test_help_exits_0(self, flag):
+    proc = run_main(flag)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn('--num_blocks', proc.stdout)
+    self.assertEqual(proc.stderr, '')
+
+  def test_run_piped_into_head_stops_with_a_checkpoint(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    command = (f'{sys.executable} -m experiments.main --width=0.125 --num_blocks=2 '
+               f'--batch_size=64 --max_steps=30 --workdir={workdir} | head -1; '
+               f'exit "${{PIPESTATUS[0]}}"')
+    proc = subprocess.run(['bash', '-c', command], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': REPO}, timeout=300)
+    self.assertEqual(proc.returncode, 141, proc.stderr[-3000:])
+    self.assertLen(proc.stdout.splitlines(), 1)
+    self.assertRegex(_stderr_only_line(proc),
+                     r'^stopped by SIGPIPE \(the output pipe closed\) at step \d+ of 30; '
+                     rf'checkpoint in {re.escape(workdir)}/checkpoints/\d+; rerun the same '
+                     r'command to resume$')
+    self.assertTrue(os.listdir(os.path.join(workdir, 'checkpoints')))
+
+
 class PresetsTest(absltest.TestCase):
 
   def test_list_presets_and_helpfull_name_them(self):
@@ -310,6 +365,16 @@ class ConfigTest(absltest.TestCase):
     for stored, expected in ((True, 'crop_flip'), (False, 'none')):
       old = json.dumps({**config_lib.make_config({}).to_dict(), 'augment': stored})
       self.assertEqual(config_lib.config_from_json(old).augment, expected)
+
+  def test_split_points_decide_the_number_of_blocks(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    self.assertEqual(config_lib.make_config({'split_points': (2, 4)}).num_blocks, 3)
+    self.assertEqual(config_lib.make_config({'split_points': (2, 4), 'num_blocks': 3})
+                     .num_blocks, 3)
+    with self.assertRaisesRegex(Exception, 'makes 3 blocks but --num_blocks=4'):
+      config_lib.make_config({'split_points': (2, 4), 'num_blocks': 4})
+    with self.assertRaisesRegex(Exception, 'makes 14 blocks but --num_blocks=4'):
+      config_lib.make_config({'num_blocks': 4}, 'auglocal_cifar10_resnet32')
 
   def test_precedence_flag_over_preset_over_dataset_default(self):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top

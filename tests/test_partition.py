@@ -67,9 +67,22 @@ class DefaultSplitTest(parameterized.TestCase):
 
 class ExplicitSplitTest(parameterized.TestCase):
 
-  def test_explicit_points_override_num_blocks(self):
-    model = bw.build_model('resnet18', num_classes=10, num_blocks=4, split_points=(1, 5))
+  def test_explicit_points_set_num_blocks_and_must_agree_with_it(self):
+    model = bw.build_model('resnet18', num_classes=10, split_points=(1, 5))
     self.assertEqual(partition.block_unit_counts(model), (1, 4, 3))
+    model = bw.build_model('resnet18', num_classes=10, num_blocks=3, split_points=(1, 5))
+    self.assertEqual(model.num_blocks, 3)
+    with self.assertRaisesRegex(UsageError, 'split_points=1,5 makes 3 blocks but num_blocks=4'):
+      bw.build_model('resnet18', num_classes=10, num_blocks=4, split_points=(1, 5))
+
+  @parameterized.parameters(
+      (dict(width=-1), 'width must be positive, got -1'),
+      (dict(width=0.0), 'width must be positive, got 0.0'),
+      (dict(num_classes=1), 'num_classes must be at least 2, got 1'),
+      (dict(num_blocks=0), 'num_blocks must be at least 1, got 0'))
+  def test_refuses_what_the_command_line_refuses(self, change, message):
+    with self.assertRaisesRegex(UsageError, f'^{message}$'):
+      bw.build_model('vgg11', **{'num_classes': 10, **change})
 
   @parameterized.parameters(((0, 3),), ((3, 3),), ((5, 2),), ((8,),))
   def test_bad_points(self, points):

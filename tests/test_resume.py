@@ -200,7 +200,7 @@ class ResumeTest(absltest.TestCase):
              '--batch_size=64', '--max_steps=6', '--lr=1e30', '--warmup_epochs=0',
              '--checkpoint_every=1', f'--workdir={workdir}')
     proc = run_main(*flags)
-    self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+    self.assertEqual(proc.returncode, 3, proc.stderr[-3000:])
     self.assertLen(_stderr_lines(proc), 1, proc.stderr)
     match = re.search(r'non-finite loss at step (\d+) in blocks? 1 \(loss (nan|inf)\)',
                       proc.stderr)

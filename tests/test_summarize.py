@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 from absl.testing import absltest
 
@@ -9,16 +11,39 @@ from experiments import config as config_lib
 from experiments import summarize
 
 
-def _write_run(root, name, accuracy, seed, parallel='none', num_devices=1, **config):
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_run(root, name, accuracy, seed, parallel='none', num_devices=1, results=None,
+               **config):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
+  if parallel == 'blocks':
+    config['parallel'] = parallel
   results = {'config': config_lib.make_config({'seed': seed, **config}).to_dict(),
              'test_accuracy': accuracy, 'block_test_accuracy': [0.5, accuracy],
              'wall_time_s': 10.0 + seed, 'images_per_sec': 100.0, 'parallel': parallel,
-             'num_devices': num_devices}
+             'num_devices': num_devices, **(results or {})}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f)
   return workdir
+
+
+def _summarize(*args):
+  return subprocess.run([sys.executable, '-m', 'experiments.summarize', *args], cwd=REPO,
+                        env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True, text=True,
+                        timeout=120)
+
+
+def _rows(table):
+  """Each data row as a list of its cells."""
+  return [[cell.strip() for cell in row.strip('|').split('|')]
+          for row in table.splitlines()[2:]]
+
+
+def _column(table, name):
+  header = [cell.strip() for cell in table.splitlines()[0].strip('|').split('|')]
+  return [row[header.index(name)] for row in _rows(table)]
 
 
 class SummarizeTest(absltest.TestCase):
@@ -33,7 +58,8 @@ class SummarizeTest(absltest.TestCase):
         os.path.join(root, 'unfinished')]
     rows = summarize.table(summarize.load(workdirs)).splitlines()[2:]
     self.assertLen(rows, 2)
-    blocks_row, none_row = sorted(rows, key=lambda row: 'none' in row)
+    none_row, blocks_row = sorted(rows, key=lambda row: 'blocks x2' in row)
+    self.assertIn('| 1 device |', none_row)
     self.assertIn('| blocks x2, M=4 |', blocks_row)
     self.assertIn('| 30.00 (30.00) |', blocks_row)
     self.assertIn('| 15.00 (10.00, 20.00) |', none_row)  # error %: mean (per seed)
@@ -66,6 +92,65 @@ class SummarizeTest(absltest.TestCase):
 
   def test_no_results_is_exit_2(self):
     self.assertEqual(summarize.main(['summarize', self.create_tempdir().full_path]), 2)
+
+  def test_finds_runs_at_any_depth_once_and_has_help(self):
+    root = self.create_tempdir().full_path
+    _write_run(root, 'vgg/k2/seed0', 0.9, seed=0, num_blocks=2)
+    _write_run(root, 'vgg/k2/seed1', 0.8, seed=1, num_blocks=2)
+    _write_run(root, 'other', 0.7, seed=0, num_blocks=4)
+    # The parent, a nested folder and a run again: each run counted once.
+    proc = _summarize(root, os.path.join(root, 'vgg'), os.path.join(root, 'other'))
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    self.assertEqual(sorted(_column(proc.stdout, 'seeds')), ['0', '0, 1'])
+    help_proc = _summarize('--help')
+    self.assertEqual(help_proc.returncode, 0, help_proc.stderr)
+    self.assertIn('any depth', help_proc.stdout)
+    empty = _summarize(self.create_tempdir().full_path)
+    self.assertEqual(empty.returncode, 2)
+    self.assertIn('no results.json at any depth under', empty.stderr)
+
+  def test_repeated_seed_is_not_two_seeds(self):
+    root = self.create_tempdir().full_path
+    _write_run(root, 'a', 0.9, seed=0, results={'params_digest': 'abc'})
+    _write_run(root, 'b', 0.9, seed=0, results={'params_digest': 'abc'})
+    self.assertEqual(_column(summarize.table(summarize.load([root])), 'seeds'),
+                     ['0 (2 identical runs)'])
+    _write_run(root, 'c', 0.8, seed=0, results={'params_digest': 'def'})
+    self.assertEqual(_column(summarize.table(summarize.load([root])), 'seeds'),
+                     ['0, 0, 0'])
+
+  def test_k_is_what_trained_and_flops_keep_two_digits(self):
+    root = self.create_tempdir().full_path
+    # A results.json from before --split_points and --num_blocks were checked against each
+    # other: the config says 4 blocks, the split points made 3.
+    _write_run(root, 'old', 0.9, seed=0, results={'split_points': [2, 4],
+                                                  'aux_flop_fraction': 0.00034})
+    _write_run(root, 'new', 0.9, seed=0, num_blocks=2,
+               results={'split_points': [4], 'num_blocks': 2, 'aux_flop_fraction': 0.00026})
+    table = summarize.table(summarize.load([root]))
+    self.assertEqual(sorted(_column(table, 'K')), ['2', '3'])
+    self.assertEqual(sorted(_column(table, 'head')),
+                     ['linear (0.026% FLOPs)', 'linear (0.034% FLOPs)'])
+    self.assertEqual([summarize.percent(v) for v in (0, 0.034, 2.44, 32.4, 329.0)],
+                     ['0', '0.034', '2.4', '32', '329'])
+
+  def test_a_max_steps_run_shows_its_steps_and_k(self):
+    root = self.create_tempdir().full_path
+    workdir = os.path.join(root, 'sweep', 'k3', 'seed0')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'experiments.main', '--width=0.125', '--split_points=2,4',
+         '--batch_size=64', '--max_steps=3', f'--workdir={workdir}'],
+        cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True, text=True,
+        timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('data: 10 classes, 1,437 train and 360 test images, 3 steps (--max_steps)',
+                  proc.stdout)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+    self.assertEqual((results['num_blocks'], results['config']['num_blocks']), (3, 3))
+    table = _summarize(root).stdout
+    self.assertEqual((_column(table, 'K'), _column(table, 'length'), _column(table, 'seeds')),
+                     (['3'], ['3 steps'], ['0']))
 
 
 if __name__ == '__main__':

@@ -72,8 +72,12 @@ class Dataset:
     train_labels: int32 [N_train], values in [0, num_classes).
     test_images: uint8 [N_test, H, W, C].
     test_labels: int32 [N_test].
-    num_classes: number of classes, also for classes absent from a split.
+    num_classes: number of classes, also for classes absent from a split; at
+      least two, since one class leaves nothing to learn (every loss is 0 and
+      every accuracy 100%).
     class_names: `num_classes` names; label i is `class_names[i]`.
+    cache_path: the .npz a folder dataset's decoded images are kept in (None for
+      digits and tfds datasets, which keep no copy of their own).
   """
   name: str
   train_images: np.ndarray
@@ -82,6 +86,7 @@ class Dataset:
   test_labels: np.ndarray
   num_classes: int
   class_names: tuple
+  cache_path: Optional[str] = None
 
   def __post_init__(self):
     for split in ('train', 'test'):
@@ -98,6 +103,12 @@ class Dataset:
                        f'vs {self.test_images.shape[1:]}.')
     if len(self.class_names) != self.num_classes:
       raise UsageError(f'{len(self.class_names)} class names for {self.num_classes} classes.')
+    if self.num_classes < 2:
+      raise UsageError(f'{self.name} has {self.num_classes} class; a classifier needs at '
+                       f'least two.')
+    for split in ('train', 'test'):
+      if not len(getattr(self, f'{split}_labels')):
+        raise UsageError(f'{self.name} has no {split} images.')
 
   @property
   def image_shape(self):
@@ -320,6 +331,9 @@ def _imagefolder_files(data_dir: str):
   class_names = _visible_subfolders(train_dir)
   if not class_names:
     raise UsageError(f'{train_dir} has no class folders; {layout}.')
+  if len(class_names) < 2:
+    raise UsageError(f'{train_dir} has one class folder ({class_names[0]}); a classifier needs '
+                     f'at least two: add a folder of images for each class.')
   unknown = sorted(set(_visible_subfolders(test_dir)) - set(class_names))
   if unknown:
     raise UsageError(f'{test_dir} has classes not in {train_dir}: {", ".join(unknown)}; '
@@ -503,4 +517,4 @@ def _load_folder_dataset(name, root, splits, class_names, image_size, cache_dir)
       name=name,
       train_images=arrays['train_images'], train_labels=arrays['train_labels'],
       test_images=arrays['test_images'], test_labels=arrays['test_labels'],
-      num_classes=len(class_names), class_names=tuple(class_names))
+      num_classes=len(class_names), class_names=tuple(class_names), cache_path=cache_path)
