@@ -235,7 +235,7 @@ def _refuse_contradictions(overrides: dict, preset_values: dict):
   if 'auglocal_depth' in overrides and chosen.get('aux_head') != 'auglocal':
     raise UsageError('--auglocal_depth sets the auglocal head\'s depth; it needs '
                      '--aux_head=auglocal')
-  for name in ('pipeline_stages', 'microbatches'):
+  for name in ('pipeline_stages', 'microbatches', 'pipeline_batch_norm'):
     if name in overrides and chosen.get('parallel') != 'blocks':
       raise UsageError(f'--{name} sets up the stage pipeline; it needs --parallel=blocks')
   if ('stop_at_step' in overrides and chosen.get('max_steps') is not None
