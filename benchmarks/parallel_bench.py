@@ -38,7 +38,7 @@ network would, only slower.
   (`parallel.make_data_parallel_blockwise_train_step`) and the fused step of
   a mode='bp' model (`parallel.make_data_parallel_train_step`).
 - `host_dispatch` (1 process, P fake devices pinned to P cores): the earlier
-  host-dispatched pipeline (`parallel.make_block_parallel_train_step`), for
+  host-dispatched pipeline (`benchmarks/host_dispatch.py`), for
   comparison with that design only; its devices share one thread pool (above).
 
 The split points are balanced by measurement unless `--split_points` gives
@@ -483,16 +483,17 @@ def _distributed_worker(config: str, split_points, cores) -> dict:
 def _host_dispatch_worker(split_points, cores) -> dict:
   """The earlier design, for comparison: one process, P fake devices, host-dispatched blocks.
 
-  Self-contained so that it goes with `parallel/dispatch.py`.
+  Self-contained, with benchmarks/host_dispatch.py, the program it times.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import host_dispatch  # pylint: disable=g-import-not-at-top
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
   model, tx, states, batch = _experiment(split_points)
   devices = jax.devices()[:FLAGS.processes]
-  step = parallel.make_block_parallel_train_step(model, tx, devices,
+  step = host_dispatch.make_block_parallel_train_step(model, tx, devices,
                                                  num_microbatches=FLAGS.microbatches)
-  block_devices = parallel.placement(model, devices)
-  states = parallel.place_block_states(states, block_devices)
+  block_devices = host_dispatch.placement(model, devices)
+  states = host_dispatch.place_block_states(states, block_devices)
   microbatch = parallel.split_microbatches(batch, FLAGS.microbatches)[0]
   compiled, states = _compile_block_chain(
       _closure_value(step, 'block_steps'), states, microbatch,

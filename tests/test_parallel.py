@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import bwbpf_jax as bw
+from benchmarks import host_dispatch
 from bwbpf_jax import parallel
 from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
@@ -109,10 +110,10 @@ class SingleProcessTest(parameterized.TestCase):
 
   def test_placement_is_round_robin(self):
     model, _ = _model(3)
-    self.assertEqual(parallel.placement(model, ['a', 'b']), ('a', 'b', 'a'))
-    self.assertEqual(parallel.placement(model, ['a', 'b', 'c', 'd']), ('a', 'b', 'c'))
+    self.assertEqual(host_dispatch.placement(model, ['a', 'b']), ('a', 'b', 'a'))
+    self.assertEqual(host_dispatch.placement(model, ['a', 'b', 'c', 'd']), ('a', 'b', 'c'))
     local = jax.local_devices()
-    self.assertEqual(parallel.placement(model), tuple(local[k % len(local)] for k in range(3)))
+    self.assertEqual(host_dispatch.placement(model), tuple(local[k % len(local)] for k in range(3)))
 
   def test_mesh_larger_than_the_devices_is_a_usage_error(self):
     self.assertEqual(parallel.make_mesh().shape, {'data': jax.device_count()})
@@ -123,11 +124,11 @@ class SingleProcessTest(parameterized.TestCase):
   def test_block_parallel_refuses_modes_with_cross_block_gradients(self, mode):
     model, tx = _model(2, mode)
     with self.assertRaisesRegex(UsageError, 'isolated blocks'):
-      parallel.make_block_parallel_train_step(model, tx)
+      host_dispatch.make_block_parallel_train_step(model, tx)
 
   def test_block_parallel_refuses_uneven_microbatches(self):
     model, tx, states = _setup(2)
-    step = parallel.make_block_parallel_train_step(model, tx, num_microbatches=3)
+    step = host_dispatch.make_block_parallel_train_step(model, tx, num_microbatches=3)
     with self.assertRaisesRegex(UsageError, '16 examples cannot be split into 3'):
       step(states, _batch())
 
@@ -273,24 +274,24 @@ class MultiDeviceTest(parameterized.TestCase):
                                               *expected_metrics)
 
     # One device per block, states placed beforehand.
-    devices = parallel.placement(model, jax.devices()[:NUM_DEVICES])
+    devices = host_dispatch.placement(model, jax.devices()[:NUM_DEVICES])
     self.assertEqual(devices, tuple(jax.devices()[:4]))
-    placed = parallel.place_block_states(_copy(states), devices)
-    pipelined, metrics = parallel.make_block_parallel_train_step(
+    placed = host_dispatch.place_block_states(_copy(states), devices)
+    pipelined, metrics = host_dispatch.make_block_parallel_train_step(
         model, tx, jax.devices()[:NUM_DEVICES], num_microbatches=4)(placed, _batch())
     for state, device in zip(pipelined, devices):
       for leaf in jax.tree_util.tree_leaves(state):
         self.assertEqual(leaf.devices(), {device})
-    chex.assert_trees_all_close(parallel.gather_block_states(pipelined), expected,
+    chex.assert_trees_all_close(host_dispatch.gather_block_states(pipelined), expected,
                                 rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(metrics, expected_metrics, rtol=1e-5)
 
     # Two devices shared round-robin; states given on the default device move themselves.
-    shared, _ = parallel.make_block_parallel_train_step(
+    shared, _ = host_dispatch.make_block_parallel_train_step(
         model, tx, jax.devices()[:2], num_microbatches=4)(_copy(states), _batch())
     self.assertEqual([jax.tree_util.tree_leaves(s)[0].devices() for s in shared],
                      [{jax.devices()[k % 2]} for k in range(4)])
-    chex.assert_trees_all_close(parallel.gather_block_states(shared), expected,
+    chex.assert_trees_all_close(host_dispatch.gather_block_states(shared), expected,
                                 rtol=1e-5, atol=1e-6)
 
 

@@ -851,6 +851,21 @@ class StagePipeline:
         shapes, self.shardings, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def split_microbatches(batch: dict, num_microbatches: int) -> list:
+  """[B, ...] leaves -> `num_microbatches` dicts of [B / M, ...] leaves, in order."""
+  sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(batch)}
+  if len(sizes) != 1:
+    raise UsageError(f'batch leaves disagree on the batch size: {sorted(sizes)}')
+  size = sizes.pop()
+  if num_microbatches < 1 or size % num_microbatches:
+    raise UsageError(f'a batch of {size} examples cannot be split into {num_microbatches} '
+                     f'equal micro-batches; choose a batch size that is a multiple of '
+                     f'the number of micro-batches')
+  micro = size // num_microbatches
+  return [jax.tree_util.tree_map(lambda x, m=m: x[m * micro:(m + 1) * micro], batch)
+          for m in range(num_microbatches)]
+
+
 def step_metrics(*calls: dict, num_microbatches: int) -> dict:
   """One training step's metrics [K] from the raw sums of pipeline calls (a step, a drain).
 

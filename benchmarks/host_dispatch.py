@@ -1,10 +1,17 @@
-"""Block parallelism by host dispatch, one process: block k on device k mod D.
+"""The earlier block pipeline, dispatched from the host in one process: block k on device k mod D.
 
 The host loops over pipeline ticks and dispatches each block's jitted
 `step.block_train_step` on its block's device, copying activations between
-devices with `jax.device_put`. Kept beside the SPMD stage pipeline
-(`parallel.pipeline`) as the reference it was measured against; see
-WORKSPACE.md.
+devices with `jax.device_put`. It was the library's first block-parallel
+engine; the SPMD stage pipeline (`bwbpf_jax.parallel.pipeline`) replaced it:
+that one spans processes and hosts, keeps the pipeline full between steps and
+holds each stage on its own devices. It lives here only as the benchmark's
+point of comparison (`python -m benchmarks.parallel_bench --configs=host_dispatch`):
+on 2 CPU cores (ResNet-18 x0.25, batch 128, K=2, M=4) it ran 260-272 images/s,
+against 333-345 for the stage pipeline on two pinned processes at the cut
+where its stages balance (docs/results.md); its own speed there comes from
+XLA:CPU running each kernel on both cores (its fake devices share one thread
+pool), not from blocks running apart.
 """
 
 import functools
@@ -16,6 +23,7 @@ import numpy as np
 import optax
 
 from bwbpf_jax import step as step_lib
+from bwbpf_jax.parallel import split_microbatches
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.partition import PartitionedModel
 
@@ -44,21 +52,6 @@ def gather_block_states(block_states: Sequence[Any], device: Optional[Any] = Non
   """All block states on one device (default: the first local one), e.g. to evaluate or save."""
   device = jax.local_devices()[0] if device is None else device
   return tuple(jax.device_put(state, device) for state in block_states)
-
-
-def split_microbatches(batch: dict, num_microbatches: int) -> list:
-  """[B, ...] leaves -> `num_microbatches` dicts of [B / M, ...] leaves, in order."""
-  sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(batch)}
-  if len(sizes) != 1:
-    raise UsageError(f'batch leaves disagree on the batch size: {sorted(sizes)}')
-  size = sizes.pop()
-  if num_microbatches < 1 or size % num_microbatches:
-    raise UsageError(f'a batch of {size} examples cannot be split into {num_microbatches} '
-                     f'equal micro-batches; choose a batch size that is a multiple of '
-                     f'the number of micro-batches')
-  micro = size // num_microbatches
-  return [jax.tree_util.tree_map(lambda x, m=m: x[m * micro:(m + 1) * micro], batch)
-          for m in range(num_microbatches)]
 
 
 def make_block_parallel_train_step(model: PartitionedModel, tx: optax.GradientTransformation,
@@ -96,9 +89,7 @@ def make_block_parallel_train_step(model: PartitionedModel, tx: optax.GradientTr
   Raises:
     UsageError: the model is not in bwbpf mode (gradients would cross devices).
   """
-  if model.mode != 'bwbpf':
-    raise UsageError(f'block-parallel training needs isolated blocks (mode bwbpf), '
-                     f'not mode {model.mode!r}: in that mode gradients cross blocks')
+  step_lib.require_isolated(model, 'block-parallel training')
   block_devices = placement(model, devices)
   block_steps = [
       jax.jit(functools.partial(step_lib.block_train_step, block, tx,
