@@ -87,9 +87,7 @@ the default split points and of `parallel.balanced_split_points`.
 import ctypes
 import inspect
 import json
-import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -99,6 +97,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import hlo
 
 FLAGS = flags.FLAGS
 CONFIGS = ('sync', 'blocks', 'data_bwbpf', 'data_bp', 'host_dispatch')
@@ -137,108 +137,6 @@ _SHARED_FLAGS = ('arch', 'width', 'image_size', 'batch_size', 'num_blocks', 'pro
 
 
 # ---------------------------------------------------------------- compiled HLO text
-
-_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
-                'collective-permute')
-_INSTRUCTION = re.compile(
-    r'^\s+(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s'
-    r'(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$')
-_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*(?:\(.*)?\{\s*$')
-_CALLED = re.compile(r'\b(?:to_apply|body|condition|calls|true_computation|false_computation|'
-                     r'branch_computations)=(\{[^}]*\}|%?[\w.\-]+)')
-_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([^\]]*)\]')
-
-
-def _type_bytes(type_text: str) -> int:
-  """Bytes of an HLO result type: an array `f32[8,128]{1,0}` or a tuple of them."""
-  total = 0
-  for dtype, dims in _ARRAY.findall(re.sub(r'/\*.*?\*/', '', type_text)):
-    if dtype == 'token':
-      continue
-    bits = 8 if dtype == 'pred' else int(re.match(r'[a-z]+(\d+)', dtype).group(1))
-    total += math.prod(int(d) for d in re.findall(r'\d+', dims)) * bits // 8
-  return total
-
-
-def _moves_nothing(attributes: str) -> bool:
-  """Whether a collective's groups all have one device (or its permutation only self-pairs)."""
-  pairs = re.search(r'source_target_pairs=\{(.*?)\}\}', attributes)
-  if pairs:
-    return all(a == b for a, b in re.findall(r'\{(\d+),(\d+)', pairs.group(1) + '}'))
-  iota = re.search(r'replica_groups=\[([\d,]+)\]<=', attributes)
-  if iota:
-    return int(iota.group(1).split(',')[-1]) <= 1
-  groups = re.search(r'replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}', attributes)
-  if not groups or not groups.group(1).strip():
-    return False  # No groups given: every device takes part.
-  return all(len(re.findall(r'\d+', g)) <= 1 for g in re.findall(r'\{([\d,\s]*)\}',
-                                                                  groups.group(1)))
-
-
-def collective_bytes(hlo_text: str) -> dict:
-  """Result bytes of the collectives in an HLO module's text, inside and outside loops.
-
-  Counts all-reduce, all-gather, reduce-scatter, all-to-all and
-  collective-permute (asynchronous pairs once, at their `-done`), skipping
-  those whose groups are single devices. A collective in a computation
-  reachable from a `while` body or condition (the body of a `lax.scan`, and
-  everything it calls) runs once per loop iteration; the rest once per call.
-
-  Returns:
-    {'in_loop_bytes', 'outside_loop_bytes', 'in_loop_ops', 'outside_loop_ops'}.
-  """
-  computation, calls, found, loop_roots, started = None, {}, [], set(), {}
-  for line in hlo_text.splitlines():
-    if not line.startswith((' ', '\t')):
-      header = _COMPUTATION.match(line)
-      if header and not line.startswith('HloModule'):
-        computation = header.group('name')
-        calls.setdefault(computation, set())
-      continue
-    instruction = _INSTRUCTION.match(line)
-    if not instruction or computation is None:
-      continue
-    op, rest = instruction.group('op'), instruction.group('rest')
-    for value in _CALLED.findall(rest):
-      names = set(re.findall(r'%?([\w.\-]+)', value))
-      calls[computation] |= names
-      if op == 'while':
-        loop_roots |= names
-    base = op.removesuffix('-start').removesuffix('-done')
-    if base not in _COLLECTIVES:
-      continue
-    if op.endswith('-start'):
-      started[instruction.group('name')] = _moves_nothing(rest)
-      continue
-    if op.endswith('-done'):
-      operand = re.match(r'\s*%?([\w.\-]+)', rest)
-      trivial = started.get(operand.group(1) if operand else '', False)
-    else:
-      trivial = _moves_nothing(rest)
-    if not trivial:
-      found.append((computation, _type_bytes(instruction.group('type'))))
-  in_loop, frontier = set(), list(loop_roots)
-  while frontier:
-    name = frontier.pop()
-    if name not in in_loop:
-      in_loop.add(name)
-      frontier.extend(calls.get(name, ()))
-  inside = [size for where, size in found if where in in_loop]
-  outside = [size for where, size in found if where not in in_loop]
-  return {'in_loop_bytes': sum(inside), 'outside_loop_bytes': sum(outside),
-          'in_loop_ops': len(inside), 'outside_loop_ops': len(outside)}
-
-
-def convolution_kinds(hlo_text: str) -> str:
-  """'onednn', 'xla', 'mixed' or 'none': whose convolutions a compiled program runs."""
-  onednn = 'custom_call_target="bwbpf_onednn_conv' in hlo_text
-  xla = re.search(r'\sconvolution\(', hlo_text) is not None
-  return {(True, False): 'onednn', (False, True): 'xla', (True, True): 'mixed'}.get(
-      (onednn, xla), 'none')
-
-
-# ---------------------------------------------------------------- inside a worker
-
 
 def _pin_and_configure(cores: list, num_devices: int = 1) -> list:
   """Pins this process to `cores` and sets XLA's flags; must run before JAX starts."""
@@ -300,7 +198,7 @@ def _programs_fields(compiled_programs, *, blockwise: bool) -> dict:
   """
   memories = [_memory(c) for c in compiled_programs]
   texts = [c.as_text() for c in compiled_programs]
-  collectives = [collective_bytes(text) for text in texts]
+  collectives = [hlo.collective_bytes(text) for text in texts]
   if blockwise:
     memory = None
     if all(memories):
@@ -313,7 +211,7 @@ def _programs_fields(compiled_programs, *, blockwise: bool) -> dict:
                       '(one runs at a time)')
   else:
     memory = memories[0]
-  kinds = {convolution_kinds(text) for text in texts} - {'none'}
+  kinds = {hlo.convolution_kinds(text) for text in texts} - {'none'}
   return {'xla_memory_per_device': memory,
           'collectives': {name: sum(c[name] for c in collectives) for name in collectives[0]},
           'convolutions': kinds.pop() if len(kinds) == 1 else ('mixed' if kinds else 'none')}

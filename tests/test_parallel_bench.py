@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks import parallel_bench
+from benchmarks import hlo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +69,7 @@ ENTRY %main (arg: f32[4]) -> f32[4] {
 
 
 def test_collective_bytes_separates_loop_bodies_from_the_rest():
-  counted = parallel_bench.collective_bytes(_HLO)
+  counted = hlo.collective_bytes(_HLO)
   # In the loop: the all-reduce of f32[16] in a branch (64 bytes) and the tuple permute
   # (4096 + 32 + 1); the permute to itself moves nothing.
   # Outside: the all-gather f32[2,4] (32) and the async all-reduce, counted once (16).
@@ -80,10 +80,10 @@ def test_collective_bytes_separates_loop_bodies_from_the_rest():
 def test_convolution_kinds_names_whose_convolutions_run():
   onednn = '  %c = f32[8,4]{1,0} custom-call(%x), custom_call_target="bwbpf_onednn_conv_forward"'
   xla = '  %c = f32[1,4,4,8]{3,2,1,0} convolution(%x, %w), window={size=3x3}'
-  assert parallel_bench.convolution_kinds(onednn) == 'onednn'
-  assert parallel_bench.convolution_kinds(xla) == 'xla'
-  assert parallel_bench.convolution_kinds(onednn + '\n' + xla) == 'mixed'
-  assert parallel_bench.convolution_kinds(_HLO) == 'none'
+  assert hlo.convolution_kinds(onednn) == 'onednn'
+  assert hlo.convolution_kinds(xla) == 'xla'
+  assert hlo.convolution_kinds(onednn + '\n' + xla) == 'mixed'
+  assert hlo.convolution_kinds(_HLO) == 'none'
 
 
 _TINY = ('--processes=2', '--arch=vgg11', '--width=0.125', '--image_size=16',

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import bwbpf_jax as bw
+from benchmarks import hlo
 from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
@@ -86,42 +87,6 @@ def _train(states, batches, *, num_stages, num_rows, poison_bubbles=False, **opt
     state, _ = pipeline.step(state, pipeline.shard_batch(batch))
   state, _ = pipeline.drain(state)
   return pipeline.host_block_states(state.stages)
-
-
-_COLLECTIVES = ('all-reduce', 'all-gather', 'collective-permute', 'reduce-scatter',
-                'all-to-all')
-
-
-def _collectives_in_conditionals(hlo: str) -> list:
-  """The collective instructions of compiled HLO text that run inside a conditional's branch.
-
-  Follows every computation a branch calls (fusions, loops, nested conditionals).
-  """
-  computations, name = {}, None
-  for line in hlo.splitlines():
-    header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
-    if header and not line.startswith(' '):
-      name = header.group(1)
-      computations[name] = []
-    elif name is not None:
-      computations[name].append(line)
-  called = lambda lines: {callee for line in lines
-                          for callee in re.findall(r'%([\w.\-]+)', line)
-                          if callee in computations}
-  pending = [branch for lines in computations.values() for line in lines
-             if ' conditional(' in line
-             for branch in re.findall(r'%([\w.\-]+)', line.split('branch_computations=')[-1])
-             if branch in computations]
-  seen, found = set(), []
-  while pending:
-    current = pending.pop()
-    if current in seen:
-      continue
-    seen.add(current)
-    found += [line.strip() for line in computations[current]
-              if any(f' {op}(' in line or f' {op}-start(' in line for op in _COLLECTIVES)]
-    pending.extend(called(computations[current]))
-  return found
 
 
 class OneDeviceTest(parameterized.TestCase):
@@ -339,15 +304,15 @@ class MultiDeviceTest(parameterized.TestCase):
       state = pipeline.init(states)
       hlo = pipeline.step.lower(state, pipeline.shard_batch(batch)).compile().as_text()
       self.assertIn(' conditional(', hlo)
-      found[choice] = _collectives_in_conditionals(hlo)
+      found[choice] = hlo.collectives_in_conditionals(hlo)
       drained = pipeline.drain.lower(state).compile().as_text()
-      self.assertEqual(_collectives_in_conditionals(drained) == [], choice == 'rows')
+      self.assertEqual(hlo.collectives_in_conditionals(drained) == [], choice == 'rows')
     self.assertEqual(found['rows'], [])
     # The check sees them where they are: global statistics all-reduce inside the branches.
     self.assertTrue(any('all-reduce' in line for line in found['global']), found['global'])
     evaluate = _pipeline(4, 2).evaluate.lower(
         state, _pipeline(4, 2).shard_batch({**batch, 'mask': np.ones(16, np.float32)}))
-    self.assertEqual(_collectives_in_conditionals(evaluate.compile().as_text()), [])
+    self.assertEqual(hlo.collectives_in_conditionals(evaluate.compile().as_text()), [])
 
   @parameterized.parameters('rows', 'global')
   def test_skip_nonfinite_skips_exactly_the_nonfinite_updates(self, batch_norm):
@@ -406,7 +371,7 @@ class MultiDeviceTest(parameterized.TestCase):
     # Nothing of a stage's state crosses devices: only a few floats per block do.
     hlo = pipeline.evaluate.lower(state, pipeline.shard_batch(case.batch)).compile().as_text()
     crossing = [line for line in hlo.splitlines()
-                if any(f' {op}(' in line for op in _COLLECTIVES)]
+                if any(f' {op}(' in line for op in hlo.COLLECTIVES)]
     self.assertTrue(all(str(pipeline.plan.state_length) not in line for line in crossing))
     # Digests, as checkpoints and results use them, are each computed by the stage's owner.
     self.assertEqual(_stage_digests(pipeline, state),
@@ -433,7 +398,7 @@ class MultiDeviceTest(parameterized.TestCase):
     self.assertIn(f'replica_groups={{{data_groups}}}', hlo)
     # Only a few floats per block cross stages (metrics); never a stage's state.
     crossing = [line for line in hlo.splitlines()
-                if any(f' {op}(' in line for op in _COLLECTIVES)]
+                if any(f' {op}(' in line for op in hlo.COLLECTIVES)]
     self.assertTrue(all(str(plan.state_length) not in line for line in crossing), crossing)
     # The step hands states back where they were.
     state, _ = pipeline.step(state, batch)
