@@ -590,3 +590,25 @@ def _already_finished(workdir, step, last_step, log) -> dict:
       + (f', test accuracy {100 * results["test_accuracy"]:.2f}%'
          if isinstance(results.get('test_accuracy'), float) else ''))
   return results
+def _placement(engine: Engine) -> str:
+  """Where the step runs, named by --parallel's values (none, data, blocks)."""
+  if engine.name == 'none':
+    return f'one {jax.default_backend()} device (--parallel=none)'
+  return f'--parallel={engine.name}: engine {engine.name} on {engine.num_devices} device(s)'
+
+
+def _describe_data(dataset, config: Config) -> str:
+  """The header line about the data: classes, images per split, where decoded copies are kept."""
+  text = (f'data: {dataset.num_classes} classes, {len(dataset.train_images):,} train and '
+          f'{len(dataset.test_images):,} test images')
+  if config.max_steps is None:
+    text += f', {config.epochs} epochs'
+  else:
+    text += f', {config.max_steps} steps (--max_steps)'
+  if dataset.cache_path is not None:
+    size = os.path.getsize(dataset.cache_path) if os.path.exists(dataset.cache_path) else 0
+    text += (f'; decoded images cached in {dataset.cache_path} ({size / 2**20:.0f} MiB; '
+             f'BWBPF_CACHE_DIR moves it, deleting it costs one decode)')
+  return text
+
+
