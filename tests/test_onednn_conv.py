@@ -53,7 +53,7 @@ class OnednnConvolutionTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('3x3_same', (4, 9, 9, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
       ('3x3_stride2', (2, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((1, 1), (1, 1))),
-      ('1x1_projection', (2, 8, 8, 6), (1, 1, 6, 16), (2, 2), ((0, 0), (0, 0))),
+      ('1x1', (2, 8, 8, 6), (1, 1, 6, 16), (1, 1), ((0, 0), (0, 0))),
       ('map_smaller_than_kernel', (3, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
       ('7x7_stem', (2, 15, 15, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),
       ('asymmetric', (2, 7, 6, 5), (3, 2, 5, 3), (1, 2), ((0, 2), (1, 0))),
@@ -73,6 +73,14 @@ class OnednnConvolutionTest(parameterized.TestCase):
         jax.jit(jax.value_and_grad(lambda x, w: loss(ours, x, w), (0, 1)))(x, w),
         jax.jit(jax.value_and_grad(lambda x, w: loss(xla, x, w), (0, 1)))(x, w),
         rtol=1e-5, atol=1e-4)
+
+  def test_strided_1x1_is_refused(self):
+    # oneDNN 3.2 writes past its scratchpad on these (see onednn_conv.handles).
+    self.assertFalse(onednn_conv.handles((1, 1, 4, 8), (2, 2)))
+    self.assertTrue(onednn_conv.handles((1, 1, 4, 8), (1, 1)))
+    self.assertTrue(onednn_conv.handles((3, 3, 4, 8), (2, 2)))
+    with self.assertRaisesRegex(ValueError, '1x1 kernel with strides'):
+      onednn_conv.conv(jnp.zeros((2, 8, 8, 4)), jnp.zeros((1, 1, 4, 8)), (2, 2), ((0, 0), (0, 0)))
 
   def test_vmap_matches_xla(self):
     """Under vmap (one handler call per item) values and gradients are XLA's."""
@@ -110,6 +118,19 @@ class LibraryConvolutionTest(absltest.TestCase):
     compiled = self._compiled(jnp.zeros((2, 8, 8, 4)))
     self.assertIn('custom_call_target="bwbpf_onednn_conv_forward"', compiled)
     self.assertNotIn('convolution(', compiled)
+
+  def test_strided_1x1_keeps_xla_and_its_neighbours_onednn(self):
+    """A projection shortcut runs in XLA, forward and backward; the 3x3 beside it in oneDNN."""
+    x = jnp.ones((2, 8, 8, 4))
+    shortcut = layers.conv(8, 1, 2, use_bias=False, dtype=jnp.float32)
+    variables = shortcut.init(jax.random.key(0), x)
+    grad = lambda v, x: jax.grad(lambda v: jnp.sum(shortcut.apply(v, x) ** 2))(v)
+    compiled = _compiled_hlo(grad, variables, x)
+    self.assertIn('convolution(', compiled)
+    self.assertNotIn('bwbpf_onednn', compiled)
+    same_size = layers.conv(8, 3, 2, use_bias=False, dtype=jnp.float32)
+    self.assertIn('bwbpf_onednn_conv_forward', _compiled_hlo(
+        same_size.apply, same_size.init(jax.random.key(0), x), x))
 
   def test_accelerators_and_bfloat16_keep_xla(self):
     # No GPU or TPU compiler here: their lowering is what can be read.

@@ -108,9 +108,9 @@ def _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numb
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
 
 
-def _onednn_applies(lhs, rhs, **conv_args) -> bool:
+def _onednn_applies(lhs, rhs, window_strides, **conv_args) -> bool:
   return (lhs.dtype == rhs.dtype == jnp.float32 and _is_plain_nhwc(lhs, rhs, **conv_args)
-          and onednn_runs_convolutions())
+          and onednn_conv.handles(rhs.shape, window_strides) and onednn_runs_convolutions())
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -119,7 +119,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """`lax.conv_general_dilated`, with faster CPU lowerings; GPU and TPU keep XLA's.
 
   On CPU (chosen per platform with `lax.platform_dependent`):
-  - float32 NHWC convolutions run in oneDNN (`onednn_conv`) when it is built,
+  - float32 NHWC convolutions run in oneDNN (`onednn_conv`) when it is built
+    and handles them (not strided 1x1: `onednn_conv.handles`),
     about 1.4x faster than XLA:CPU's Eigen convolutions;
   - otherwise, when H*W < kh*kw (VGG's 2x2 last stage at 32x32), XLA swaps the
     convolution's operands and the swapped form misses every fast Eigen
@@ -132,7 +133,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    feature_group_count=feature_group_count, **kwargs)
   plain = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                             precision=precision, **conv_args)
-  if _onednn_applies(lhs, rhs, **conv_args):
+  if _onednn_applies(lhs, rhs, window_strides, **conv_args):
     strides, padding = tuple(window_strides), tuple(map(tuple, padding))
     return lax.platform_dependent(
         lhs, rhs, cpu=lambda l, r: onednn_conv.conv(l, r, strides, padding), default=plain)

@@ -136,6 +136,21 @@ def unavailable_reason() -> str:
   return _load()
 
 
+def handles(kernel_shape, strides) -> bool:
+  """Whether a convolution of this HWIO kernel and these strides may run here.
+
+  Not a 1x1 kernel with a stride above 1 (ResNet's projection shortcuts, a few
+  percent of its work): oneDNN 3.2 (the pinned onednn-cpu-gomp 2023.2) computes
+  those gradients by first copying the input to unit stride, and with fewer
+  input channels than its SIMD block that copy writes past the scratchpad.
+  Seen as heap corruption with one thread and, with an OpenMP team, as both
+  threads spinning forever on a barrier whose context the copy overwrote
+  (a test run stalled for the 90 minutes CI allows). XLA runs those instead.
+  """
+  kernel_h, kernel_w = kernel_shape[:2]
+  return not ((kernel_h, kernel_w) == (1, 1) and tuple(strides) != (1, 1))
+
+
 def available() -> bool:
   """Whether the oneDNN convolution is built and registered (builds it on first call)."""
   return not _load()
@@ -179,7 +194,13 @@ def _summed_to_varying_of(cotangent, primal):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, w, strides, padding):
-  """NHWC x HWIO float32 convolution in oneDNN. `padding`: ((top, bottom), (left, right))."""
+  """NHWC x HWIO float32 convolution in oneDNN. `padding`: ((top, bottom), (left, right)).
+
+  Raises ValueError for what `handles` refuses.
+  """
+  if not handles(w.shape, strides):
+    raise ValueError(f'oneDNN convolution refuses a {w.shape[0]}x{w.shape[1]} kernel with '
+                     f'strides {tuple(strides)} (see handles); use lax.conv_general_dilated')
   shape = lax.conv_general_shape_tuple(x.shape, w.shape, strides, padding, _NHWC)
   return _call('bwbpf_onednn_conv_forward', tuple(map(int, shape)), x, w, strides=strides,
                padding=padding)
