@@ -119,18 +119,20 @@ class LibraryConvolutionTest(absltest.TestCase):
     self.assertIn('custom_call_target="bwbpf_onednn_conv_forward"', compiled)
     self.assertNotIn('convolution(', compiled)
 
-  def test_strided_1x1_keeps_xla_and_its_neighbours_onednn(self):
-    """A projection shortcut runs in XLA, forward and backward; the 3x3 beside it in oneDNN."""
-    x = jnp.ones((2, 8, 8, 4))
+  def test_strided_1x1_runs_as_a_subsample_and_a_unit_stride_1x1(self):
+    """A projection shortcut: oneDNN at unit stride on every 2nd pixel, forward and backward."""
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8, 4))  # Odd height: the edge counts.
     shortcut = layers.conv(8, 1, 2, use_bias=False, dtype=jnp.float32)
-    variables = shortcut.init(jax.random.key(0), x)
-    grad = lambda v, x: jax.grad(lambda v: jnp.sum(shortcut.apply(v, x) ** 2))(v)
-    compiled = _compiled_hlo(grad, variables, x)
-    self.assertIn('convolution(', compiled)
-    self.assertNotIn('bwbpf_onednn', compiled)
-    same_size = layers.conv(8, 3, 2, use_bias=False, dtype=jnp.float32)
-    self.assertIn('bwbpf_onednn_conv_forward', _compiled_hlo(
-        same_size.apply, same_size.init(jax.random.key(0), x), x))
+    variables = shortcut.init(jax.random.key(1), x)
+    loss = lambda v, x: jnp.sum(jnp.sin(shortcut.apply(v, x)))
+    compiled = _compiled_hlo(jax.grad(loss, (0, 1)), variables, x)
+    self.assertNotIn('convolution(', compiled)
+    for target in ('forward', 'input_grad', 'kernel_grad'):
+      self.assertIn(f'bwbpf_onednn_conv_{target}', compiled)
+    with layers.xla_convolutions():
+      expected = jax.jit(jax.value_and_grad(loss, (0, 1)))(variables, x)
+    chex.assert_trees_all_close(jax.jit(jax.value_and_grad(loss, (0, 1)))(variables, x),
+                                expected, rtol=1e-5, atol=1e-5)
 
   def test_accelerators_and_bfloat16_keep_xla(self):
     # No GPU or TPU compiler here: their lowering is what can be read.
