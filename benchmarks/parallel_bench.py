@@ -37,6 +37,10 @@ network would, only slower.
   processes, the global batch split over them: the block-wise bwbpf step
   (`parallel.make_data_parallel_blockwise_train_step`) and the fused step of
   a mode='bp' model (`parallel.make_data_parallel_train_step`).
+- `all_cores_bwbpf` / `all_cores_bp` (1 process pinned to P cores): the
+  fused step (`bw.make_train_step`) on the whole batch, Eigen's kernels and
+  oneDNN's threads spread over the P cores: what a plain run on this machine
+  does with the same cores, the alternative a user has to any parallelism.
 - `host_dispatch` (1 process, P fake devices pinned to P cores): the earlier
   host-dispatched pipeline (`benchmarks/host_dispatch.py`), for
   comparison with that design only; its devices share one thread pool (above).
@@ -54,7 +58,8 @@ and 0.126 s).
 Fields of each line: `images_per_sec` = global batch / median step seconds
 (after compilation and one warm-up step; for several processes the slowest
 process's median), `speedup` = images_per_sec / sync's, `parallel_efficiency`
-= speedup / P. `per_process`: each process's `cores` (the affinity actually
+= speedup / `cores` (the cores the configuration's processes were pinned to;
+`processes` counts the processes). `per_process`: each process's `cores` (the affinity actually
 set), `cpu_per_wall` (CPU seconds per wall second over the timed steps: ~1
 for one busy core), `peak_rss_bytes`. `xla_memory_per_device`: XLA's
 `memory_analysis()` of the compiled step (one device per process; for a
@@ -101,7 +106,8 @@ from absl import flags
 from benchmarks import hlo
 
 FLAGS = flags.FLAGS
-CONFIGS = ('sync', 'blocks', 'data_bwbpf', 'data_bp', 'host_dispatch')
+CONFIGS = ('sync', 'blocks', 'data_bwbpf', 'data_bp', 'all_cores_bwbpf', 'all_cores_bp',
+           'host_dispatch')
 MULTI_PROCESS_CONFIGS = ('blocks', 'data_bwbpf', 'data_bp')
 WARMUP_STEPS = 2  # The first call compiles (or runs a compiled step first); one more warms up.
 
@@ -123,7 +129,8 @@ flags.DEFINE_integer('timeout_s', 1800, 'Wall seconds a configuration may take; 
 flags.DEFINE_list('project', None, 'Only project: time every unit on one core and print, for '
                   'each K listed (e.g. 4,8), the pipeline speed-up of the default and of the '
                   'balanced split points.')
-flags.DEFINE_enum('worker', None, ('split', 'sync', 'project', 'host_dispatch')
+flags.DEFINE_enum('worker', None, ('split', 'sync', 'project', 'host_dispatch',
+                                    'all_cores_bwbpf', 'all_cores_bp')
                   + MULTI_PROCESS_CONFIGS, 'Internal: measure in this process.')
 flags.DEFINE_list('cores', None, 'Internal: the worker\'s CPU cores.')
 flags.DEFINE_integer('process_id', 0, 'Internal: this worker\'s index among --processes.')
@@ -138,16 +145,20 @@ _SHARED_FLAGS = ('arch', 'width', 'image_size', 'batch_size', 'num_blocks', 'pro
 
 # ---------------------------------------------------------------- compiled HLO text
 
-def _pin_and_configure(cores: list, num_devices: int = 1) -> list:
-  """Pins this process to `cores` and sets XLA's flags; must run before JAX starts."""
+def _pin_and_configure(cores: list, num_devices: int = 1, *, eigen_threads: bool = False) -> list:
+  """Pins this process to `cores` and sets XLA's flags; must run before JAX starts.
+
+  `eigen_threads`: let Eigen's kernels split their work over the cores, as a
+  plain run on several cores does (the `all_cores_*` configurations).
+  """
   os.sched_setaffinity(0, cores)
   from experiments import xla_defaults  # pylint: disable=g-import-not-at-top
   xla_defaults.apply()
   device_flag = (f'--xla_force_host_platform_device_count={num_devices}'
                  if num_devices > 1 else '')
+  eigen_flag = '' if eigen_threads else '--xla_cpu_multi_thread_eigen=false'
   os.environ['XLA_FLAGS'] = ' '.join([
-      os.environ.get('XLA_FLAGS', ''), '--xla_cpu_multi_thread_eigen=false',
-      device_flag]).strip()
+      os.environ.get('XLA_FLAGS', ''), eigen_flag, device_flag]).strip()
   os.environ['OMP_NUM_THREADS'] = str(len(cores))  # oneDNN's threads (GNU OpenMP).
   os.environ['JAX_PLATFORMS'] = 'cpu'
   return sorted(os.sched_getaffinity(0))
@@ -320,6 +331,20 @@ def _sync_worker(split_points, cores) -> dict:
   return {'sync': sync, 'sync_full_batch': full}
 
 
+def _all_cores_worker(config: str, split_points, cores) -> dict:
+  """The fused step on the whole batch, one process on every core: a plain run of this machine."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+  model, tx, states, batch = _experiment(split_points, mode=config.rsplit('_', 1)[1])
+  batch = jax.device_put(batch)
+  step = bw.make_train_step(model, tx)
+  compiled = step.jitted.lower(states, batch).compile()
+  timing, _ = _time(lambda states: step(states, batch)[0], states)
+  return {**_programs_fields([compiled], blockwise=False),
+          'median_step_seconds': timing.median_seconds,
+          'per_process': [_process_fields(timing, cores)]}
+
+
 def _distributed_worker(config: str, split_points, cores) -> dict:
   """One of P processes: joins the others, then times the `config` step over all of them."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -440,7 +465,8 @@ def _worker_main():
   if FLAGS.fail_process == FLAGS.process_id:
     raise SystemExit(f'error: process {FLAGS.process_id} failed on purpose (--fail_process)')
   num_devices = FLAGS.processes if FLAGS.worker == 'host_dispatch' else 1
-  cores = _pin_and_configure(cores, num_devices)
+  cores = _pin_and_configure(cores, num_devices,
+                             eigen_threads=FLAGS.worker.startswith('all_cores'))
   split_points = None if FLAGS.split_points is None else [int(p) for p in FLAGS.split_points]
   if FLAGS.worker in ('split', 'project'):
     result = _split_worker()
@@ -448,6 +474,8 @@ def _worker_main():
     result = _sync_worker(split_points, cores)
   elif FLAGS.worker == 'host_dispatch':
     result = _host_dispatch_worker(split_points, cores)
+  elif FLAGS.worker.startswith('all_cores'):
+    result = _all_cores_worker(FLAGS.worker, split_points, cores)
   else:
     result = _distributed_worker(FLAGS.worker, split_points, cores)
   print(json.dumps(result), flush=True)
@@ -552,18 +580,20 @@ def run_workers(argvs: list, timeout_s: float) -> list:
 
 def _config_line(config: str, measured: dict, split_points, sync_ips, sync_full_ips) -> dict:
   import jax  # pylint: disable=g-import-not-at-top  (the version only; JAX does no work here)
-  processes = 1 if config.startswith('sync') else FLAGS.processes
+  processes = len(measured['per_process'])
+  cores = sum(len(process['cores']) for process in measured['per_process'])
   images_per_sec = FLAGS.batch_size / measured.pop('median_step_seconds')
   line = {'config': config, 'arch': FLAGS.arch, 'width': FLAGS.width,
           'image_size': FLAGS.image_size, 'batch_size': FLAGS.batch_size,
           'microbatches': FLAGS.microbatches, 'num_blocks': FLAGS.num_blocks,
           'pipeline_stages': FLAGS.pipeline_stages or FLAGS.num_blocks,
-          'processes': processes, 'split_points': split_points, 'steps': FLAGS.steps,
+          'processes': processes, 'cores': cores, 'split_points': split_points,
+          'steps': FLAGS.steps,
           'images_per_sec': round(images_per_sec, 3)}
   if not config.startswith('sync'):
     speedup = images_per_sec / sync_ips if sync_ips else None
     line.update(speedup=speedup and round(speedup, 4),
-                parallel_efficiency=speedup and round(speedup / processes, 4),
+                parallel_efficiency=speedup and round(speedup / cores, 4),
                 speedup_over_sync_full_batch=(round(images_per_sec / sync_full_ips, 4)
                                               if sync_full_ips else None))
   collectives = measured.pop('collectives')
@@ -585,9 +615,9 @@ def _run_config(config: str, split_points, cores: list) -> dict:
   if config == 'sync':
     (result,) = run_workers([_worker_argv('sync', cores[:1], split_points)], FLAGS.timeout_s)
     return result
-  if config == 'host_dispatch':
-    (result,) = run_workers([_worker_argv('host_dispatch', cores[:FLAGS.processes],
-                                          split_points)], FLAGS.timeout_s)
+  if config in ('host_dispatch', 'all_cores_bwbpf', 'all_cores_bp'):
+    (result,) = run_workers([_worker_argv(config, cores[:FLAGS.processes], split_points)],
+                            FLAGS.timeout_s)
     return result
   port = _free_port()
   results = run_workers(

@@ -112,14 +112,17 @@ def test_every_configuration_reports_its_fields():
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = _lines(proc)
   assert sorted(lines) == sorted(['sync', 'sync_full_batch', 'blocks', 'data_bwbpf',
-                                  'data_bp', 'host_dispatch']), proc.stdout
+                                  'data_bp', 'all_cores_bwbpf', 'all_cores_bp',
+                                  'host_dispatch']), proc.stdout
   for config, line in lines.items():
     missing = [f for f in _COMMON_FIELDS if f not in line]
     assert not missing, (config, missing)
     assert line['images_per_sec'] > 0, line
     assert line['xla_memory_per_device']['temp_bytes'] > 0, line
-    processes = 1 if config in ('sync', 'sync_full_batch', 'host_dispatch') else 2
-    assert len(line['per_process']) == processes, line
+    one_process = ('sync', 'sync_full_batch', 'all_cores_bwbpf', 'all_cores_bp', 'host_dispatch')
+    processes = 1 if config in one_process else 2
+    assert len(line['per_process']) == processes == line['processes'], line
+    assert line['cores'] == (1 if config.startswith('sync') else 2), line
     for process in line['per_process']:
       assert all(f in process for f in _PROCESS_FIELDS), (config, process)
       assert process['cpu_per_wall'] > 0, (config, process)
@@ -128,6 +131,11 @@ def test_every_configuration_reports_its_fields():
   # Each multi-process worker ran pinned to a core of its own.
   assert [p['cores'] for p in lines['blocks']['per_process']] in ([[0], [1]], [[1], [0]]) \
       or len(os.sched_getaffinity(0)) < 2
+  # A plain run: one process on both cores, the fused step of the named mode.
+  for config in ('all_cores_bwbpf', 'all_cores_bp'):
+    assert lines[config]['per_process'][0]['cores'] == [0, 1] \
+        or len(os.sched_getaffinity(0)) < 2
+  assert lines['all_cores_bp']['collective_bytes']['total_per_step'] == 0
   blocks = lines['blocks']
   assert blocks['mesh'] == {'data': 1, 'stage': 2}
   # Per tick, stage 0 sends its micro-batch's activations (8 examples) on.
