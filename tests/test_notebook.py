@@ -109,8 +109,9 @@ class NotebookInstallTest(absltest.TestCase):
     saved = {name: sys.modules.get(name) for name in ('google', 'google.colab')}
     sys.modules['google.colab'] = colab
     try:
-      helpers = _install_helpers(REPO_URL='', ZIP='/nonexistent.zip',
-                                 CODE=os.path.join(self.create_tempdir().full_path, 'code'))
+      folder = self.create_tempdir().full_path
+      helpers = _install_helpers(REPO_URL='', ZIP=os.path.join(folder, 'absent.zip'),
+                                 CODE=os.path.join(folder, 'code'))
       with self.assertRaisesRegex(SystemExit, 'Neither REPO_URL nor a zip was given: fill in '
                                   'REPO_URL .* or upload bwbpf_jax.zip'):
         helpers['fetch_code']()
