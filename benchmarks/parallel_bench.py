@@ -338,7 +338,7 @@ def _all_cores_worker(config: str, split_points, cores) -> dict:
   model, tx, states, batch = _experiment(split_points, mode=config.rsplit('_', 1)[1])
   batch = jax.device_put(batch)
   step = bw.make_train_step(model, tx)
-  compiled = step.jitted.lower(states, batch).compile()
+  compiled = step.lower(states, batch).compile()
   timing, _ = _time(lambda states: step(states, batch)[0], states)
   return {**_programs_fields([compiled], blockwise=False),
           'median_step_seconds': timing.median_seconds,

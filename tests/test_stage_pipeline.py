@@ -302,9 +302,9 @@ class MultiDeviceTest(parameterized.TestCase):
     for choice in ('rows', 'global'):
       pipeline = _pipeline(4, 2, batch_norm=choice)
       state = pipeline.init(states)
-      hlo = pipeline.step.lower(state, pipeline.shard_batch(batch)).compile().as_text()
-      self.assertIn(' conditional(', hlo)
-      found[choice] = hlo.collectives_in_conditionals(hlo)
+      text = pipeline.step.lower(state, pipeline.shard_batch(batch)).compile().as_text()
+      self.assertIn(' conditional(', text)
+      found[choice] = hlo.collectives_in_conditionals(text)
       drained = pipeline.drain.lower(state).compile().as_text()
       self.assertEqual(hlo.collectives_in_conditionals(drained) == [], choice == 'rows')
     self.assertEqual(found['rows'], [])
@@ -348,9 +348,12 @@ class MultiDeviceTest(parameterized.TestCase):
     self.assertEqual(batch['image'].sharding.spec, jax.sharding.PartitionSpec('stage', 'data'))
     for shard in batch['image'].addressable_shards:
       self.assertEqual(shard.data.shape, (1, 2) + IMAGE)
-    hlo = pipeline.step.lower(pipeline.init(states), batch).compile().as_text()
-    image_moves = [line for line in hlo.splitlines()
-                   if ' collective-permute(' in line and 'f32[2,16,16,3]' in line.split('=')[1]]
+    text = pipeline.step.lower(pipeline.init(states), batch).compile().as_text()
+    # A micro-batch travels as one message of rows (2 examples per row here):
+    # its images flattened, with its labels and valid flags as extra columns.
+    image_length = int(np.prod(IMAGE))
+    image_moves = [line for line in text.splitlines() if ' collective-permute(' in line
+                   and int(re.search(r'= f32\[2,(\d+)\]', line).group(1)) > image_length]
     self.assertNotEmpty(image_moves)
     stage_zero = {str(d.id) for d in pipeline.mesh.devices[:, 0]}
     for line in image_moves:
@@ -369,8 +372,8 @@ class MultiDeviceTest(parameterized.TestCase):
                             reference=lambda batch: bw.eval_step(model, trained, batch))
     chex.assert_trees_all_close(evaluate(case.batch), case.expected, rtol=1e-4, atol=1e-4)
     # Nothing of a stage's state crosses devices: only a few floats per block do.
-    hlo = pipeline.evaluate.lower(state, pipeline.shard_batch(case.batch)).compile().as_text()
-    crossing = [line for line in hlo.splitlines()
+    text = pipeline.evaluate.lower(state, pipeline.shard_batch(case.batch)).compile().as_text()
+    crossing = [line for line in text.splitlines()
                 if any(f' {op}(' in line for op in hlo.COLLECTIVES)]
     self.assertTrue(all(str(pipeline.plan.state_length) not in line for line in crossing))
     # Digests, as checkpoints and results use them, are each computed by the stage's owner.
@@ -389,15 +392,15 @@ class MultiDeviceTest(parameterized.TestCase):
     all_blocks = sum(packing.size for packing in plan.state_packings)
     self.assertLess(plan.state_length, all_blocks)
     batch = pipeline.shard_batch(_batches(1)[0])
-    hlo = pipeline.step.lower(state, batch).compile().as_text()
-    self.assertIn('collective-permute', hlo)  # Activations to the next stage.
+    text = pipeline.step.lower(state, batch).compile().as_text()
+    self.assertIn('collective-permute', text)  # Activations to the next stage.
     # Gradients, losses and BatchNorm statistics averaged over 'data': groups of the
     # devices holding one stage, e.g. {0,4},{1,5},{2,6},{3,7}.
     data_groups = ','.join('{' + ','.join(str(d.id) for d in column) + '}'
                            for column in pipeline.mesh.devices.T)
-    self.assertIn(f'replica_groups={{{data_groups}}}', hlo)
+    self.assertIn(f'replica_groups={{{data_groups}}}', text)
     # Only a few floats per block cross stages (metrics); never a stage's state.
-    crossing = [line for line in hlo.splitlines()
+    crossing = [line for line in text.splitlines()
                 if any(f' {op}(' in line for op in hlo.COLLECTIVES)]
     self.assertTrue(all(str(plan.state_length) not in line for line in crossing), crossing)
     # The step hands states back where they were.
