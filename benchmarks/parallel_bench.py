@@ -69,7 +69,8 @@ collective (all-reduce, all-gather, reduce-scatter, all-to-all,
 collective-permute) on one device, a proxy for what it sends; `per_tick` sums
 those inside a loop body (the pipeline's scan over micro-batches: run M
 times a step), `per_step` the rest, `total_per_step` = M x per_tick +
-per_step. Collectives within groups of one device move nothing and are left
+per_step (XLA turns a loop of one iteration into straight code; then every
+tick's collectives are in `per_step`, and the total is still right). Collectives within groups of one device move nothing and are left
 out. `convolutions`: which convolutions the step runs (`onednn` custom calls
 or XLA's own; XLA:CPU's are slower, and data-parallel programs keep XLA's so
 the partitioner can shard them: part of any data-vs-sync difference on CPU).
