@@ -54,6 +54,7 @@ class OnednnConvolutionTest(parameterized.TestCase):
       ('3x3_same', (4, 9, 9, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
       ('3x3_stride2', (2, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((1, 1), (1, 1))),
       ('1x1', (2, 8, 8, 6), (1, 1, 6, 16), (1, 1), ((0, 0), (0, 0))),
+      ('1x1_projection', (2, 7, 8, 4), (1, 1, 4, 16), (2, 2), ((0, 0), (0, 0))),
       ('map_smaller_than_kernel', (3, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
       ('7x7_stem', (2, 15, 15, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),
       ('asymmetric', (2, 7, 6, 5), (3, 2, 5, 3), (1, 2), ((0, 2), (1, 0))),
@@ -74,13 +75,19 @@ class OnednnConvolutionTest(parameterized.TestCase):
         jax.jit(jax.value_and_grad(lambda x, w: loss(xla, x, w), (0, 1)))(x, w),
         rtol=1e-5, atol=1e-4)
 
-  def test_strided_1x1_is_refused(self):
+  def test_strided_1x1_never_reaches_onednn_strided(self):
     # oneDNN 3.2 writes past its scratchpad on these (see onednn_conv.handles).
-    self.assertFalse(onednn_conv.handles((1, 1, 4, 8), (2, 2)))
-    self.assertTrue(onednn_conv.handles((1, 1, 4, 8), (1, 1)))
-    self.assertTrue(onednn_conv.handles((3, 3, 4, 8), (2, 2)))
-    with self.assertRaisesRegex(ValueError, '1x1 kernel with strides'):
-      onednn_conv.conv(jnp.zeros((2, 8, 8, 4)), jnp.zeros((1, 1, 4, 8)), (2, 2), ((0, 0), (0, 0)))
+    zero, one = ((0, 0), (0, 0)), ((1, 1), (1, 1))
+    self.assertTrue(onednn_conv.handles((1, 1, 4, 8), (2, 2), zero))
+    self.assertFalse(onednn_conv.handles((1, 1, 4, 8), (2, 2), one))
+    self.assertTrue(onednn_conv.handles((3, 3, 4, 8), (2, 2), one))
+    with self.assertRaisesRegex(ValueError, 'padded 1x1 kernel with strides'):
+      onednn_conv.conv(jnp.zeros((2, 8, 8, 4)), jnp.zeros((1, 1, 4, 8)), (2, 2), one)
+    conv = lambda x, w: onednn_conv.conv(x, w, (2, 2), zero)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(conv(x, w)), (0, 1)))(
+        jnp.zeros((2, 8, 8, 4)), jnp.zeros((1, 1, 4, 8))))
+    self.assertIn("('stride_h', np.int64(1))", jaxpr)
+    self.assertNotIn("('stride_h', np.int64(2))", jaxpr)
 
   def test_vmap_matches_xla(self):
     """Under vmap (one handler call per item) values and gradients are XLA's."""

@@ -108,23 +108,10 @@ def _is_plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numb
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
 
 
-def _onednn_applies(lhs, rhs, **conv_args) -> bool:
+def _onednn_applies(lhs, rhs, window_strides, **conv_args) -> bool:
   return (lhs.dtype == rhs.dtype == jnp.float32 and _is_plain_nhwc(lhs, rhs, **conv_args)
+          and onednn_conv.handles(rhs.shape, window_strides, conv_args['padding'])
           and onednn_runs_convolutions())
-
-
-def _onednn_subsampling(rhs, window_strides, padding):
-  """How oneDNN runs this convolution: (every, strides) or None where it cannot.
-
-  oneDNN refuses strided 1x1 kernels (`onednn_conv.handles`); unpadded, such a
-  convolution is the same as a unit-stride 1x1 on every s-th pixel, so its input
-  is subsampled by `every` first. (1, 1) means no subsampling.
-  """
-  if onednn_conv.handles(rhs.shape, window_strides):
-    return (1, 1), tuple(window_strides)
-  if any(tuple(p) != (0, 0) for p in padding):
-    return None
-  return tuple(window_strides), (1, 1)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -134,7 +121,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
   On CPU (chosen per platform with `lax.platform_dependent`):
   - float32 NHWC convolutions run in oneDNN (`onednn_conv`) when it is built
-    (a strided 1x1 as a subsample and a unit-stride 1x1: `_onednn_subsampling`),
+    and handles them (`onednn_conv.handles`),
     about 1.4x faster than XLA:CPU's Eigen convolutions;
   - otherwise, when H*W < kh*kw (VGG's 2x2 last stage at 32x32), XLA swaps the
     convolution's operands and the swapped form misses every fast Eigen
@@ -147,13 +134,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                    feature_group_count=feature_group_count, **kwargs)
   plain = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                             precision=precision, **conv_args)
-  subsampling = (_onednn_applies(lhs, rhs, **conv_args)
-                 and _onednn_subsampling(rhs, window_strides, padding))
-  if subsampling:
-    (every_h, every_w), strides = subsampling
-    padding = tuple(map(tuple, padding))
-    onednn = lambda l, r: onednn_conv.conv(l[:, ::every_h, ::every_w], r, strides, padding)
-    return lax.platform_dependent(lhs, rhs, cpu=onednn, default=plain)
+  if _onednn_applies(lhs, rhs, window_strides, **conv_args):
+    strides, padding = tuple(window_strides), tuple(map(tuple, padding))
+    return lax.platform_dependent(
+        lhs, rhs, cpu=lambda l, r: onednn_conv.conv(l, r, strides, padding), default=plain)
   if (_is_plain_nhwc(lhs, rhs, **conv_args) and tuple(window_strides) == (1, 1)
       and lhs.shape[1] * lhs.shape[2] < rhs.shape[0] * rhs.shape[1]):
     return lax.platform_dependent(lhs, rhs, cpu=lambda l, r: _im2col_conv(l, r, padding),

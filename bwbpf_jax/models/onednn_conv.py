@@ -136,19 +136,24 @@ def unavailable_reason() -> str:
   return _load()
 
 
-def handles(kernel_shape, strides) -> bool:
-  """Whether a convolution of this HWIO kernel and these strides may run here.
+def handles(kernel_shape, strides, padding) -> bool:
+  """Whether `conv` runs a convolution of this HWIO kernel, strides and padding.
 
-  Not a 1x1 kernel with a stride above 1 (ResNet's projection shortcuts, a few
-  percent of its work): oneDNN 3.2 (the pinned onednn-cpu-gomp 2023.2) computes
-  those gradients by first copying the input to unit stride, and with fewer
-  input channels than its SIMD block that copy writes past the scratchpad.
-  Seen as heap corruption with one thread and, with an OpenMP team, as both
-  threads spinning forever on a barrier whose context the copy overwrote
-  (a test run stalled for the 90 minutes CI allows). XLA runs those instead.
+  Everything but a padded 1x1 kernel with a stride above 1. oneDNN 3.2 (the
+  pinned onednn-cpu-gomp 2023.2) computes strided 1x1 gradients by first
+  copying the input to unit stride, and with fewer input channels than its
+  SIMD block that copy writes past its scratchpad: heap corruption with one
+  thread; with an OpenMP team, both threads spinning forever on a barrier whose
+  context the copy overwrote (a test run stalled for the 90 minutes CI allows).
+  So `conv` never hands oneDNN a strided 1x1: unpadded, it is the same as a
+  unit-stride 1x1 on every s-th pixel, which `conv` runs instead.
   """
-  kernel_h, kernel_w = kernel_shape[:2]
-  return not ((kernel_h, kernel_w) == (1, 1) and tuple(strides) != (1, 1))
+  return not (_is_strided_1x1(kernel_shape, strides)
+              and any(tuple(p) != (0, 0) for p in padding))
+
+
+def _is_strided_1x1(kernel_shape, strides) -> bool:
+  return tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) != (1, 1)
 
 
 def available() -> bool:
@@ -192,22 +197,30 @@ def _summed_to_varying_of(cotangent, primal):
   return lax.psum(cotangent, extra) if extra else cotangent
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, w, strides, padding):
   """NHWC x HWIO float32 convolution in oneDNN. `padding`: ((top, bottom), (left, right)).
 
-  Raises ValueError for what `handles` refuses.
+  A strided 1x1 runs as a unit-stride 1x1 on every s-th pixel (see `handles`);
+  ValueError for what `handles` refuses.
   """
-  if not handles(w.shape, strides):
-    raise ValueError(f'oneDNN convolution refuses a {w.shape[0]}x{w.shape[1]} kernel with '
-                     f'strides {tuple(strides)} (see handles); use lax.conv_general_dilated')
+  if not handles(w.shape, strides, padding):
+    raise ValueError(f'oneDNN convolution refuses a padded 1x1 kernel with strides '
+                     f'{tuple(strides)} (see handles); use lax.conv_general_dilated')
+  if _is_strided_1x1(w.shape, strides):
+    x, strides = x[:, ::strides[0], ::strides[1]], (1, 1)
+  return _conv(x, w, tuple(strides), padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, strides, padding):
+  """`conv` on what oneDNN runs correctly (no strided 1x1)."""
   shape = lax.conv_general_shape_tuple(x.shape, w.shape, strides, padding, _NHWC)
   return _call('bwbpf_onednn_conv_forward', tuple(map(int, shape)), x, w, strides=strides,
                padding=padding)
 
 
 def _conv_forward(x, w, strides, padding):
-  return conv(x, w, strides, padding), (x, w)
+  return _conv(x, w, strides, padding), (x, w)
 
 
 def _conv_backward(strides, padding, residuals, dy):
@@ -217,4 +230,4 @@ def _conv_backward(strides, padding, residuals, dy):
   return _summed_to_varying_of(dx, x), _summed_to_varying_of(dw, w)
 
 
-conv.defvjp(_conv_forward, _conv_backward)
+_conv.defvjp(_conv_forward, _conv_backward)
