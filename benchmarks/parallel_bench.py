@@ -58,10 +58,10 @@ and 0.126 s).
 Fields of each line: `images_per_sec` = global batch / median step seconds
 (after compilation and one warm-up step; for several processes the slowest
 process's median), `speedup` = images_per_sec / sync's, `parallel_efficiency`
-= speedup / `cores` (the cores the configuration's processes were pinned to;
-`processes` counts the processes). `per_process`: each process's `cores` (the affinity actually
-set), `cpu_per_wall` (CPU seconds per wall second over the timed steps: ~1
-for one busy core), `peak_rss_bytes`. `xla_memory_per_device`: XLA's
+= speedup / `cores` (the cores the configuration's processes were pinned
+to; `processes` counts the processes). `per_process`: each process's `cores`
+(the affinity actually set), `cpu_per_wall` (CPU seconds per wall second
+over the timed steps: ~1 for one busy core), `peak_rss_bytes`. `xla_memory_per_device`: XLA's
 `memory_analysis()` of the compiled step (one device per process; for a
 block-wise step, K programs, aggregated as its `aggregation` says).
 `collective_bytes`: from the compiled HLO, the result bytes of every
@@ -70,8 +70,8 @@ collective-permute) on one device, a proxy for what it sends; `per_tick` sums
 those inside a loop body (the pipeline's scan over micro-batches: run M
 times a step), `per_step` the rest, `total_per_step` = M x per_tick +
 per_step (XLA turns a loop of one iteration into straight code; then every
-tick's collectives are in `per_step`, and the total is still right). Collectives within groups of one device move nothing and are left
-out. `convolutions`: which convolutions the step runs (`onednn` custom calls
+tick's collectives are in `per_step`, and the total is still right).
+Collectives within groups of one device move nothing and are left out. `convolutions`: which convolutions the step runs (`onednn` custom calls
 or XLA's own; XLA:CPU's are slower, and data-parallel programs keep XLA's so
 the partitioner can shard them: part of any data-vs-sync difference on CPU).
 `bubble_fraction` (blocks): idle stage slots over all slots since the
@@ -110,6 +110,7 @@ FLAGS = flags.FLAGS
 CONFIGS = ('sync', 'blocks', 'data_bwbpf', 'data_bp', 'all_cores_bwbpf', 'all_cores_bp',
            'host_dispatch')
 MULTI_PROCESS_CONFIGS = ('blocks', 'data_bwbpf', 'data_bp')
+ALL_CORES_CONFIGS = ('all_cores_bwbpf', 'all_cores_bp')  # 'all_cores_<mode>'.
 WARMUP_STEPS = 2  # The first call compiles (or runs a compiled step first); one more warms up.
 
 flags.DEFINE_string('arch', 'resnet18', 'Architecture.')
@@ -130,9 +131,8 @@ flags.DEFINE_integer('timeout_s', 1800, 'Wall seconds a configuration may take; 
 flags.DEFINE_list('project', None, 'Only project: time every unit on one core and print, for '
                   'each K listed (e.g. 4,8), the pipeline speed-up of the default and of the '
                   'balanced split points.')
-flags.DEFINE_enum('worker', None, ('split', 'sync', 'project', 'host_dispatch',
-                                    'all_cores_bwbpf', 'all_cores_bp')
-                  + MULTI_PROCESS_CONFIGS, 'Internal: measure in this process.')
+flags.DEFINE_enum('worker', None, ('split', 'sync', 'project', 'host_dispatch')
+                  + ALL_CORES_CONFIGS + MULTI_PROCESS_CONFIGS, 'Internal: measure in this process.')
 flags.DEFINE_list('cores', None, 'Internal: the worker\'s CPU cores.')
 flags.DEFINE_integer('process_id', 0, 'Internal: this worker\'s index among --processes.')
 flags.DEFINE_string('coordinator', None, 'Internal: host:port of process 0.')
@@ -467,7 +467,7 @@ def _worker_main():
     raise SystemExit(f'error: process {FLAGS.process_id} failed on purpose (--fail_process)')
   num_devices = FLAGS.processes if FLAGS.worker == 'host_dispatch' else 1
   cores = _pin_and_configure(cores, num_devices,
-                             eigen_threads=FLAGS.worker.startswith('all_cores'))
+                             eigen_threads=FLAGS.worker in ALL_CORES_CONFIGS)
   split_points = None if FLAGS.split_points is None else [int(p) for p in FLAGS.split_points]
   if FLAGS.worker in ('split', 'project'):
     result = _split_worker()
@@ -475,7 +475,7 @@ def _worker_main():
     result = _sync_worker(split_points, cores)
   elif FLAGS.worker == 'host_dispatch':
     result = _host_dispatch_worker(split_points, cores)
-  elif FLAGS.worker.startswith('all_cores'):
+  elif FLAGS.worker in ALL_CORES_CONFIGS:
     result = _all_cores_worker(FLAGS.worker, split_points, cores)
   else:
     result = _distributed_worker(FLAGS.worker, split_points, cores)
@@ -616,7 +616,7 @@ def _run_config(config: str, split_points, cores: list) -> dict:
   if config == 'sync':
     (result,) = run_workers([_worker_argv('sync', cores[:1], split_points)], FLAGS.timeout_s)
     return result
-  if config in ('host_dispatch', 'all_cores_bwbpf', 'all_cores_bp'):
+  if config in ('host_dispatch',) + ALL_CORES_CONFIGS:
     (result,) = run_workers([_worker_argv(config, cores[:FLAGS.processes], split_points)],
                             FLAGS.timeout_s)
     return result
