@@ -90,21 +90,18 @@ speed-up (fill and drain of the M micro-batches included, transfers not) of
 the default split points and of `parallel.balanced_split_points`.
 """
 
-import ctypes
 import inspect
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
 
 from benchmarks import hlo
+from benchmarks import processes
+from benchmarks.processes import WorkerFailure
 
 FLAGS = flags.FLAGS
 CONFIGS = ('sync', 'blocks', 'data_bwbpf', 'data_bp', 'all_cores_bwbpf', 'all_cores_bp',
@@ -485,16 +482,6 @@ def _worker_main():
 # ---------------------------------------------------------------- the driver
 
 
-class WorkerFailure(Exception):
-  """A worker exited with an error or ran past --timeout_s; the message is its last words."""
-
-
-def _free_port() -> int:
-  with socket.socket() as probe:
-    probe.bind(('127.0.0.1', 0))
-    return probe.getsockname()[1]
-
-
 def _worker_argv(worker: str, cores, split_points=None, **extra) -> list:
   argv = [sys.executable, '-m', 'benchmarks.parallel_bench', f'--worker={worker}',
           f'--cores={",".join(map(str, cores))}']
@@ -507,76 +494,25 @@ def _worker_argv(worker: str, cores, split_points=None, **extra) -> list:
   return argv + [f'--{name}={value}' for name, value in extra.items()]
 
 
-def _last_line(path: str) -> str:
-  with open(path, errors='replace') as f:
-    lines = [line.strip() for line in f if line.strip()]
-  return lines[-1] if lines else 'no output'
-
-
-def _die_with_parent():
-  """In a worker, before it starts: the kernel kills it if the driver dies (Linux).
-
-  The driver kills its workers when one fails; this covers the driver itself
-  being killed, so no worker is left waiting for its peers in a collective.
-  """
-  try:
-    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
-
-
-def _stop(proc):
-  """Kills a worker and whatever it started (its own process group), then reaps it."""
-  if proc.poll() is None:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-  proc.wait()
-
-
 def run_workers(argvs: list, timeout_s: float) -> list:
   """Runs worker processes together; returns each one's last JSON line, in order.
 
-  If one fails or the deadline passes, every other one is killed at once (a
-  process waiting for a dead peer in a collective would wait for ever).
-
   Raises:
-    WorkerFailure: naming the first worker that failed and its last stderr line.
+    WorkerFailure: naming the first worker that failed (the others are killed
+      at once: one waiting for a dead peer in a collective would wait for ever).
   """
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with tempfile.TemporaryDirectory() as scratch:
-    procs, outputs = [], []
-    try:
-      for i, argv in enumerate(argvs):
-        out, err = os.path.join(scratch, f'{i}.out'), os.path.join(scratch, f'{i}.err')
-        outputs.append((out, err))
-        with open(out, 'w') as stdout, open(err, 'w') as stderr:
-          procs.append(subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=repo,
-                                        start_new_session=True,
-                                        preexec_fn=_die_with_parent))
-      deadline = time.monotonic() + timeout_s
-      while any(proc.poll() is None for proc in procs):
-        failed = [i for i, proc in enumerate(procs) if proc.poll() not in (None, 0)]
-        if failed:
-          i = failed[0]
-          raise WorkerFailure(f'worker {i} exited with {procs[i].returncode}: '
-                              f'{_last_line(outputs[i][1])}')
-        if time.monotonic() > deadline:
-          raise WorkerFailure(f'timed out after {timeout_s} s; worker 0 last said: '
-                              f'{_last_line(outputs[0][1])}')
-        time.sleep(0.2)
-      results = []
-      for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-        with open(out) as f:
-          lines = [line for line in f if line.startswith('{')]
-        if proc.returncode or not lines:
-          raise WorkerFailure(f'worker {i} exited with {proc.returncode}: {_last_line(err)}')
-        results.append(json.loads(lines[-1]))
-      return results
-    finally:
-      for proc in procs:
-        _stop(proc)
+    logs = processes.run([processes.Worker(argv) for argv in argvs], timeout_s, scratch,
+                         cwd=repo)
+    results = []
+    for i, (out, err) in enumerate(logs):
+      with open(out) as f:
+        lines = [line for line in f if line.startswith('{')]
+      if not lines:
+        raise WorkerFailure(f'worker {i} printed no result: {processes.last_line(err)}')
+      results.append(json.loads(lines[-1]))
+    return results
 
 
 def _config_line(config: str, measured: dict, split_points, sync_ips, sync_full_ips) -> dict:
@@ -620,7 +556,7 @@ def _run_config(config: str, split_points, cores: list) -> dict:
     (result,) = run_workers([_worker_argv(config, cores[:FLAGS.processes], split_points)],
                             FLAGS.timeout_s)
     return result
-  port = _free_port()
+  port = processes.free_port()
   results = run_workers(
       [_worker_argv(config, [cores[i % len(cores)]], split_points, process_id=i,
                     coordinator=f'127.0.0.1:{port}') for i in range(FLAGS.processes)],

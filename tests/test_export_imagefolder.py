@@ -44,6 +44,7 @@ def _image_files(root):
                 if name != export_imagefolder.MANIFEST_FILE)
 
 
+@pytest.mark.slow  # The export command in a subprocess (tfds import included).
 def test_command_writes_jpeg_folder_and_manifest(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   out = tmp_path / 'cifar10-jpeg'

@@ -152,44 +152,65 @@ class EndToEndTest(absltest.TestCase):
     self.assertTrue(np.all(np.isfinite(results['block_test_loss'])))
 
 
+# (name, flags, what the one line on stderr says): mistakes a user can make on the command line.
+FLAG_ERRORS = (
+    ('unknown_arch', ['--arch=alexnet'], 'alexnet'),
+    ('unknown_dataset', ['--dataset=mnist'], 'mnist'),
+    ('unknown_mode', ['--mode=forward_forward'], 'forward_forward'),
+    ('unknown_head', ['--aux_head=transformer'], 'transformer'),
+    ('unknown_loss', ['--local_loss=hinge'], 'hinge'),
+    ('bad_loss_weights', ['--local_loss=xent_recon', '--loss_weights=1,2'],
+     'loss weights must be 4'),
+    ('unknown_preset', ['--preset=paper_mnist'], 'unknown preset'),
+    ('preset_near_miss', ['--preset=paper_cifar10_resnet50_k3'],
+     "unknown preset 'paper_cifar10_resnet50_k3'; did you mean paper_cifar10_resnet50_k8 or "
+     'paper_cifar10_resnet50_k4 or paper_cifar10_resnet50_k16? --list_presets lists all'),
+    ('split_points_against_num_blocks', ['--split_points=2,4', '--num_blocks=4'],
+     '--split_points=2,4 makes 3 blocks but --num_blocks=4; give one of the two'),
+    ('loss_weights_without_reconstruction', ['--loss_weights=1,1,0,1'],
+     '--loss_weights weighs the reconstruction losses; it needs --local_loss=xent_recon'),
+    ('auglocal_depth_without_auglocal', ['--auglocal_depth=3'], 'needs --aux_head=auglocal'),
+    ('microbatches_without_pipeline', ['--microbatches=2'], 'needs --parallel=blocks'),
+    ('stop_at_step_past_max_steps', ['--stop_at_step=5'],
+     '--stop_at_step=5 does not stop a run of --max_steps=1 steps early'),
+    ('too_many_blocks', ['--arch=resnet18', '--num_blocks=9'], 'cannot cut 8 units'),
+    ('bad_split_points', ['--split_points=3,1'], 'strictly increasing'),
+    ('negative_width', ['--width=-1'], '--width must be positive'),
+    ('stray_argument', ['train'], 'unexpected arguments'),
+    ('blockwise_with_bp', ['--mode=bp', '--train_step=blockwise'], 'needs --mode=bwbpf'),
+    ('split_by_and_points', ['--split_by=activations', '--split_points=2'],
+     'drop --split_by=activations'),
+    ('bad_auglocal_depth', ['--aux_head=auglocal', '--auglocal_depth=0'],
+     'auglocal_depth must be at least 1'),
+)
+# One of each kind in the fast tier: a flag absl refuses, flags that contradict each
+# other, a model that cannot be built, a stray argument, a preset near miss.
+FAST_FLAG_ERRORS = ('unknown_arch', 'split_points_against_num_blocks', 'too_many_blocks',
+                    'stray_argument', 'preset_near_miss')
+
+
+def check_flag_error(test, flags, expected):
+  proc = run_main(*flags, '--max_steps=1', f'--workdir={test.create_tempdir().full_path}')
+  test.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+  test.assertNotIn('Traceback', proc.stderr)
+  test.assertLen(_stderr_lines(proc), 1, proc.stderr)
+  test.assertIn(expected, _stderr_lines(proc)[0])
+
+
+@pytest.mark.slow
+class MoreFlagErrorsTest(parameterized.TestCase):
+  """FLAG_ERRORS beyond the fast tier's."""
+
+  @parameterized.named_parameters(*[c for c in FLAG_ERRORS if c[0] not in FAST_FLAG_ERRORS])
+  def test_flag_errors_are_one_line_and_exit_2(self, flags, expected):
+    check_flag_error(self, flags, expected)
+
+
 class BadInputTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(
-      ('unknown_arch', ['--arch=alexnet'], 'alexnet'),
-      ('unknown_dataset', ['--dataset=mnist'], 'mnist'),
-      ('unknown_mode', ['--mode=forward_forward'], 'forward_forward'),
-      ('unknown_head', ['--aux_head=transformer'], 'transformer'),
-      ('unknown_loss', ['--local_loss=hinge'], 'hinge'),
-      ('bad_loss_weights', ['--local_loss=xent_recon', '--loss_weights=1,2'],
-       'loss weights must be 4'),
-      ('unknown_preset', ['--preset=paper_mnist'], 'unknown preset'),
-      ('preset_near_miss', ['--preset=paper_cifar10_resnet50_k3'],
-       "unknown preset 'paper_cifar10_resnet50_k3'; did you mean paper_cifar10_resnet50_k8 or "
-       'paper_cifar10_resnet50_k4 or paper_cifar10_resnet50_k16? --list_presets lists all'),
-      ('split_points_against_num_blocks', ['--split_points=2,4', '--num_blocks=4'],
-       '--split_points=2,4 makes 3 blocks but --num_blocks=4; give one of the two'),
-      ('loss_weights_without_reconstruction', ['--loss_weights=1,1,0,1'],
-       '--loss_weights weighs the reconstruction losses; it needs --local_loss=xent_recon'),
-      ('auglocal_depth_without_auglocal', ['--auglocal_depth=3'], 'needs --aux_head=auglocal'),
-      ('microbatches_without_pipeline', ['--microbatches=2'], 'needs --parallel=blocks'),
-      ('stop_at_step_past_max_steps', ['--stop_at_step=5'],
-       '--stop_at_step=5 does not stop a run of --max_steps=1 steps early'),
-      ('too_many_blocks', ['--arch=resnet18', '--num_blocks=9'], 'cannot cut 8 units'),
-      ('bad_split_points', ['--split_points=3,1'], 'strictly increasing'),
-      ('negative_width', ['--width=-1'], '--width must be positive'),
-      ('stray_argument', ['train'], 'unexpected arguments'),
-      ('blockwise_with_bp', ['--mode=bp', '--train_step=blockwise'], 'needs --mode=bwbpf'),
-      ('split_by_and_points', ['--split_by=activations', '--split_points=2'],
-       'drop --split_by=activations'),
-      ('bad_auglocal_depth', ['--aux_head=auglocal', '--auglocal_depth=0'],
-       'auglocal_depth must be at least 1'),
-  )
+  @parameterized.named_parameters(*[c for c in FLAG_ERRORS if c[0] in FAST_FLAG_ERRORS])
   def test_flag_errors_are_one_line_and_exit_2(self, flags, expected):
-    proc = run_main(*flags, '--max_steps=1', f'--workdir={self.create_tempdir().full_path}')
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertNotIn('Traceback', proc.stderr)
-    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
-    self.assertIn(expected, _stderr_lines(proc)[0])
+    check_flag_error(self, flags, expected)
 
   def test_missing_data_folder(self):
     proc = run_main('--dataset=imagefolder', '--data_dir=/nonexistent/cifar', '--max_steps=1',
@@ -322,6 +343,7 @@ class ExitCodeTest(parameterized.TestCase):
     self.assertIn('--num_blocks', proc.stdout)
     self.assertEqual(proc.stderr, '')
 
+  @pytest.mark.slow
   def test_run_piped_into_head_stops_with_a_checkpoint(self):
     workdir = os.path.join(self.create_tempdir().full_path, 'run')
     command = (f'{sys.executable} -m experiments.main --width=0.125 --num_blocks=2 '

@@ -9,6 +9,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import bwbpf_jax as bw
 from bwbpf_jax.errors import UsageError
@@ -48,69 +49,102 @@ def _unit_output_sizes(arch, stem, image_size):
   return sizes, stage_of_unit
 
 
-class ParameterCountTest(parameterized.TestCase):
-  """Counts of the standard architectures (torchvision / the common CIFAR variants)."""
+def check_block_shapes(test, arch, stem_and_size):
+  """Every block reports logits; every stage halves the resolution; the output block
+  sees the lowest one."""
+  stem, size = stem_and_size
+  shapes, _ = _shapes_and_count(arch, stem, size, 200, width=0.25)
+  for features, logits in shapes:
+    test.assertEqual(logits, (2, 200))
+    test.assertLen(features, 4)
+  # Every stage halves the resolution: a VGG stage in its last unit (the max-pool),
+  # a ResNet stage after the first in its first unit (the stride); the first ResNet
+  # stage keeps the stem's resolution (the cifar stem keeps the input's, the
+  # imagenet stem quarters it).
+  unit_sizes, stage_of_unit = _unit_output_sizes(arch, stem, size)
+  for unit, (got, stage) in enumerate(zip(unit_sizes, stage_of_unit)):
+    if arch.startswith('vgg'):
+      last_of_stage = unit + 1 == len(stage_of_unit) or stage_of_unit[unit + 1] != stage
+      expected = size // 2 ** (stage + 1 if last_of_stage else stage)
+    else:
+      expected = (size if stem == 'cifar' else size // 4) // 2 ** stage
+    test.assertEqual(got, expected, f'unit {unit} (stage {stage})')
+  test.assertEqual(shapes[-1][0][1:3], (unit_sizes[-1],) * 2)  # The output block's input.
+  # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5; CIFAR ResNets,
+  # three stages: /2**2).
+  final_hw = shapes[-1][0][1]
+  family = ('vgg' if arch.startswith('vgg') else
+            'cifar_resnet' if arch in bw.models.cifar_resnet.UNITS_PER_STAGE else 'resnet')
+  expected = {('cifar', 32): {'vgg': 1, 'resnet': 4, 'cifar_resnet': 8},
+              ('imagenet', 64): {'vgg': 2, 'resnet': 2, 'cifar_resnet': 4}}
+  test.assertEqual(final_hw, expected[stem_and_size][family])
 
-  @parameterized.parameters(
-      # CIFAR variants: 3x3 stem, one linear classifier on 512 (or 2048) features.
-      ('vgg11', 'cifar', 10, 9_231_114),
-      ('vgg13', 'cifar', 10, 9_416_010),
-      ('vgg16', 'cifar', 10, 14_728_266),
-      ('vgg19', 'cifar', 10, 20_040_522),
-      ('resnet18', 'cifar', 10, 11_173_962),
-      ('resnet34', 'cifar', 10, 21_282_122),
-      ('resnet50', 'cifar', 10, 23_520_842),
-      ('resnet101', 'cifar', 10, 42_512_970),
-      ('resnet152', 'cifar', 10, 58_156_618),
-      # He et al.'s CIFAR ResNets with projection (option B) shortcuts: 0.27M/0.46M/0.85M/1.7M.
-      ('resnet20', 'cifar', 10, 272_474),
-      ('resnet32', 'cifar', 10, 466_906),
-      ('resnet56', 'cifar', 10, 855_770),
-      ('resnet110', 'cifar', 10, 1_730_714),
-      # torchvision's ImageNet ResNets, 1000 classes.
-      ('resnet18', 'imagenet', 1000, 11_689_512),
-      ('resnet50', 'imagenet', 1000, 25_557_032),
-      ('resnet101', 'imagenet', 1000, 44_549_160),
-      ('resnet152', 'imagenet', 1000, 60_192_808),
-  )
+
+# The architectures tested in the fast tier: one of each family (VGG, basic-block
+# and bottleneck ResNets, He et al.'s CIFAR ResNets); the slow tier tests the rest.
+FAST_ARCHITECTURES = ('vgg11', 'resnet18', 'resnet50', 'resnet20')
+
+# Counts of the standard architectures (torchvision / the common CIFAR variants).
+PARAMETER_COUNTS = (
+    # CIFAR variants: 3x3 stem, one linear classifier on 512 (or 2048) features.
+    ('vgg11', 'cifar', 10, 9_231_114),
+    ('vgg13', 'cifar', 10, 9_416_010),
+    ('vgg16', 'cifar', 10, 14_728_266),
+    ('vgg19', 'cifar', 10, 20_040_522),
+    ('resnet18', 'cifar', 10, 11_173_962),
+    ('resnet34', 'cifar', 10, 21_282_122),
+    ('resnet50', 'cifar', 10, 23_520_842),
+    ('resnet101', 'cifar', 10, 42_512_970),
+    ('resnet152', 'cifar', 10, 58_156_618),
+    # He et al.'s CIFAR ResNets with projection (option B) shortcuts: 0.27M/0.46M/0.85M/1.7M.
+    ('resnet20', 'cifar', 10, 272_474),
+    ('resnet32', 'cifar', 10, 466_906),
+    ('resnet56', 'cifar', 10, 855_770),
+    ('resnet110', 'cifar', 10, 1_730_714),
+    # torchvision's ImageNet ResNets, 1000 classes.
+    ('resnet18', 'imagenet', 1000, 11_689_512),
+    ('resnet50', 'imagenet', 1000, 25_557_032),
+    ('resnet101', 'imagenet', 1000, 44_549_160),
+    ('resnet152', 'imagenet', 1000, 60_192_808),
+)
+STEMS_AND_SIZES = (('cifar', 32), ('imagenet', 64))
+
+
+def _fast(arch):
+  return arch in FAST_ARCHITECTURES
+
+
+class ParameterCountTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[case for case in PARAMETER_COUNTS if _fast(case[0])])
   def test_backbone_count(self, arch, stem, num_classes, expected):
     _, count = _shapes_and_count(arch, stem, 32, num_classes)
     self.assertEqual(count, expected)
 
 
+@pytest.mark.slow
+class DeepArchitectureParameterCountTest(parameterized.TestCase):
+
+  @parameterized.parameters(*[case for case in PARAMETER_COUNTS if not _fast(case[0])])
+  def test_backbone_count(self, arch, stem, num_classes, expected):
+    _, count = _shapes_and_count(arch, stem, 32, num_classes)
+    self.assertEqual(count, expected)
+
+
+@pytest.mark.slow
+class DeepArchitectureShapeTest(parameterized.TestCase):
+
+  @parameterized.product(arch=[a for a in bw.ARCHITECTURES if not _fast(a)],
+                         stem_and_size=STEMS_AND_SIZES)
+  def test_every_block_reports_logits_and_resolution_halves(self, arch, stem_and_size):
+    check_block_shapes(self, arch, stem_and_size)
+
+
 class ShapeTest(parameterized.TestCase):
 
-  @parameterized.product(
-      arch=bw.ARCHITECTURES,
-      stem_and_size=(('cifar', 32), ('imagenet', 64)),
-  )
+  @parameterized.product(arch=FAST_ARCHITECTURES, stem_and_size=STEMS_AND_SIZES)
   def test_every_block_reports_logits_and_resolution_halves(self, arch, stem_and_size):
-    stem, size = stem_and_size
-    shapes, _ = _shapes_and_count(arch, stem, size, 200, width=0.25)
-    for features, logits in shapes:
-      self.assertEqual(logits, (2, 200))
-      self.assertLen(features, 4)
-    # Every stage halves the resolution: a VGG stage in its last unit (the max-pool),
-    # a ResNet stage after the first in its first unit (the stride); the first ResNet
-    # stage keeps the stem's resolution (the cifar stem keeps the input's, the
-    # imagenet stem quarters it).
-    unit_sizes, stage_of_unit = _unit_output_sizes(arch, stem, size)
-    for unit, (got, stage) in enumerate(zip(unit_sizes, stage_of_unit)):
-      if arch.startswith('vgg'):
-        last_of_stage = unit + 1 == len(stage_of_unit) or stage_of_unit[unit + 1] != stage
-        expected = size // 2 ** (stage + 1 if last_of_stage else stage)
-      else:
-        expected = (size if stem == 'cifar' else size // 4) // 2 ** stage
-      self.assertEqual(got, expected, f'unit {unit} (stage {stage})')
-    self.assertEqual(shapes[-1][0][1:3], (unit_sizes[-1],) * 2)  # The output block's input.
-    # The output block sees the lowest resolution: 32 / 2**4 (VGG: /2**5; CIFAR ResNets,
-    # three stages: /2**2).
-    final_hw = shapes[-1][0][1]
-    family = ('vgg' if arch.startswith('vgg') else
-              'cifar_resnet' if arch in bw.models.cifar_resnet.UNITS_PER_STAGE else 'resnet')
-    expected = {('cifar', 32): {'vgg': 1, 'resnet': 4, 'cifar_resnet': 8},
-                ('imagenet', 64): {'vgg': 2, 'resnet': 2, 'cifar_resnet': 4}}
-    self.assertEqual(final_hw, expected[stem_and_size][family])
+    check_block_shapes(self, arch, stem_and_size)
 
   def test_width_multiplier_scales_channels(self):
     shapes, count = _shapes_and_count('resnet18', 'cifar', 32, 10, width=0.25)

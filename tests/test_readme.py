@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 
@@ -12,6 +13,7 @@ def _python_blocks(text):
   return re.findall(r'^```python\n(.*?)^```$', text, flags=re.DOTALL | re.MULTILINE)
 
 
+@pytest.mark.slow  # Trains a small network in the README's own words.
 def test_readme_library_snippet_runs_as_written():
   with open(README) as f:
     blocks = _python_blocks(f.read())

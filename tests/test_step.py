@@ -55,27 +55,35 @@ def _is_zero(tree):
 
 
 class GradientIsolationTest(parameterized.TestCase):
+  """Which block each loss reaches, on the smallest cut of each family.
 
-  @parameterized.parameters(('vgg11', 2), ('vgg11', 4), ('resnet18', 3), ('resnet18', 8),
-                            ('resnet50', 4))
+  DeepCutIsolationTest (slow tier) repeats the checks on deeper cuts.
+  """
+
+  @parameterized.parameters(('vgg11', 2), ('resnet18', 3))
   def test_bwbpf_local_loss_reaches_only_its_own_block(self, arch, num_blocks):
-    model, _, states = _setup(arch, num_blocks, 'bwbpf')
-    grads = _per_loss_grads(model, states, _batch())
-    for k in range(num_blocks):
-      for j in range(num_blocks):
-        if j == k:
-          self.assertFalse(_is_zero(grads[k][j]), f'block {k} gets no gradient from its loss')
-        else:
-          chex.assert_trees_all_equal(grads[k][j],
-                                      jax.tree_util.tree_map(jnp.zeros_like, grads[k][j]))
+    check_bwbpf_isolation(self, _setup(arch, num_blocks, 'bwbpf'))
 
-  @parameterized.parameters(('vgg11', 4), ('resnet18', 3))
+  @parameterized.parameters(('vgg11', 4))
   def test_deep_supervision_sends_later_losses_into_earlier_blocks(self, arch, num_blocks):
-    model, _, states = _setup(arch, num_blocks, 'deep_supervision')
-    grads = _per_loss_grads(model, states, _batch())
-    for k in range(num_blocks):
-      for j in range(num_blocks):
-        self.assertEqual(_is_zero(grads[k][j]), j > k, f'loss {k}, block {j}')
+    check_deep_supervision(self, _setup(arch, num_blocks, 'deep_supervision'))
+
+  @parameterized.parameters(('vgg11', 4))
+  def test_bp_backbone_gradient_is_plain_backprop(self, arch, num_blocks):
+    check_plain_backprop(self, arch, num_blocks)
+
+
+@pytest.mark.slow
+class DeepCutIsolationTest(parameterized.TestCase):
+  """GradientIsolationTest's checks on more blocks, deeper networks and MLP heads."""
+
+  @parameterized.parameters(('vgg11', 4), ('resnet18', 8), ('resnet50', 4))
+  def test_bwbpf_local_loss_reaches_only_its_own_block(self, arch, num_blocks):
+    check_bwbpf_isolation(self, _setup(arch, num_blocks, 'bwbpf'))
+
+  @parameterized.parameters(('resnet18', 3))
+  def test_deep_supervision_sends_later_losses_into_earlier_blocks(self, arch, num_blocks):
+    check_deep_supervision(self, _setup(arch, num_blocks, 'deep_supervision'))
 
   def test_mlp_heads_are_isolated_too(self):
     model, _, states = _setup('resnet18', 4, 'bwbpf', aux_head='mlp')
@@ -83,23 +91,49 @@ class GradientIsolationTest(parameterized.TestCase):
     self.assertTrue(_is_zero(grads[2][1]) and _is_zero(grads[3][0]))
     self.assertFalse(_is_zero(grads[1][1]))
 
-  @parameterized.parameters(('vgg11', 4), ('resnet18', 3))
+  @parameterized.parameters(('resnet18', 3))
   def test_bp_backbone_gradient_is_plain_backprop(self, arch, num_blocks):
-    """bp mode's backbone gradient equals jax.grad of the unpartitioned network's loss."""
-    model, _, states = _setup(arch, num_blocks, 'bp')
-    whole = bw.build_model(arch, num_classes=10, num_blocks=1, mode='bp', width=0.125)
-    whole_params = _merge_blocks(model, [s.params for s in states])
-    whole_stats = _merge_blocks(model, [s.batch_stats for s in states])
-    batch = _batch()
+    check_plain_backprop(self, arch, num_blocks)
 
-    grads = jax.jit(jax.grad(lambda p: step_lib.network_loss(
-        model, p, tuple(s.batch_stats for s in states), batch['image'], batch['label'])[0]))(
-            tuple(s.params for s in states))
-    expected = jax.jit(jax.grad(lambda p: step_lib.local_loss(
-        whole.blocks[0], p, whole_stats, batch['image'], batch['label'])[0]))(whole_params)
-    chex.assert_trees_all_close(_merge_blocks(model, grads), expected, rtol=1e-5, atol=1e-6)
-    # The auxiliary probes still learn, from their own losses only.
-    self.assertFalse(_is_zero(grads[0]['head']))
+
+def check_bwbpf_isolation(test, setup):
+  """Loss k's gradient is non-zero on block k and exactly zero on every other block."""
+  model, _, states = setup
+  grads = _per_loss_grads(model, states, _batch())
+  for k in range(model.num_blocks):
+    for j in range(model.num_blocks):
+      if j == k:
+        test.assertFalse(_is_zero(grads[k][j]), f'block {k} gets no gradient from its loss')
+      else:
+        chex.assert_trees_all_equal(grads[k][j],
+                                    jax.tree_util.tree_map(jnp.zeros_like, grads[k][j]))
+
+
+def check_deep_supervision(test, setup):
+  """Loss k reaches blocks 1..k (the reference code's behaviour) and no later block."""
+  model, _, states = setup
+  grads = _per_loss_grads(model, states, _batch())
+  for k in range(model.num_blocks):
+    for j in range(model.num_blocks):
+      test.assertEqual(_is_zero(grads[k][j]), j > k, f'loss {k}, block {j}')
+
+
+def check_plain_backprop(test, arch, num_blocks):
+  """bp mode's backbone gradient equals jax.grad of the unpartitioned network's loss."""
+  model, _, states = _setup(arch, num_blocks, 'bp')
+  whole = bw.build_model(arch, num_classes=10, num_blocks=1, mode='bp', width=0.125)
+  whole_params = _merge_blocks(model, [s.params for s in states])
+  whole_stats = _merge_blocks(model, [s.batch_stats for s in states])
+  batch = _batch()
+
+  grads = jax.jit(jax.grad(lambda p: step_lib.network_loss(
+      model, p, tuple(s.batch_stats for s in states), batch['image'], batch['label'])[0]))(
+          tuple(s.params for s in states))
+  expected = jax.jit(jax.grad(lambda p: step_lib.local_loss(
+      whole.blocks[0], p, whole_stats, batch['image'], batch['label'])[0]))(whole_params)
+  chex.assert_trees_all_close(_merge_blocks(model, grads), expected, rtol=1e-5, atol=1e-6)
+  # The auxiliary probes still learn, from their own losses only.
+  test.assertFalse(_is_zero(grads[0]['head']))
 
 
 def _merge_blocks(model, trees):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 
 from experiments import config as config_lib
 from experiments import summarize
@@ -134,6 +135,7 @@ class SummarizeTest(absltest.TestCase):
     self.assertEqual([summarize.percent(v) for v in (0, 0.034, 2.44, 32.4, 329.0)],
                      ['0', '0.034', '2.4', '32', '329'])
 
+  @pytest.mark.slow  # A training run in a subprocess.
   def test_a_max_steps_run_shows_its_steps_and_k(self):
     root = self.create_tempdir().full_path
     workdir = os.path.join(root, 'sweep', 'k3', 'seed0')
