@@ -205,7 +205,8 @@ def define_flags():
   flags.DEFINE_integer('pipeline_stages', None, 'Stages of `blocks` (default P).')
   flags.DEFINE_integer('microbatches', 4, 'M of `blocks`.')
   flags.DEFINE_float('budget_seconds', 240, 'Training seconds each configuration gets.')
-  flags.DEFINE_integer('calibration_steps', 20, 'Steps of the calibration run.')
+  flags.DEFINE_integer('calibration_steps', 50, 'Steps of the calibration run (20 misjudged '
+                       'some runs\' speed by up to 30%: docs/results.md).')
   flags.DEFINE_list('configs', list(CONFIGS), f'Configurations to run, of {", ".join(CONFIGS)}.')
   flags.DEFINE_list('train_flags', [], 'More experiments.main flags for every run, e.g. '
                     '--train_flags=--lr=0.05,--seed=1.')

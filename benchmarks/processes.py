@@ -7,12 +7,12 @@ one is killed at once, and when the driver itself dies the kernel kills its
 workers (Linux `PR_SET_PDEATHSIG`).
 """
 
-import ctypes
 import dataclasses
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -48,16 +48,27 @@ def last_line(path: str) -> str:
   return lines[-1] if lines else 'no output'
 
 
-def _prepare(cores):
-  """Runs in the child before exec: pinned to `cores`, killed if the driver dies."""
-  def prepare():
-    if cores is not None:
-      os.sched_setaffinity(0, cores)
-    try:
-      ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-      pass
-  return prepare
+# Runs first in each worker, then replaces itself with the worker's command: pins the
+# process to its cores (before JAX starts: XLA and oneDNN size their thread pools from
+# the affinity) and asks the kernel to kill it when the driver dies (Linux
+# PR_SET_PDEATHSIG, kept across exec). A launcher rather than subprocess's preexec_fn:
+# Python code between fork and exec can deadlock a driver that has threads (JAX's).
+_LAUNCHER = """
+import ctypes, os, signal, sys
+cores = [int(core) for core in sys.argv[1].split(',') if core]
+if cores:
+  os.sched_setaffinity(0, cores)
+try:
+  ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)
+except (OSError, AttributeError):
+  pass
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _launch_argv(worker: Worker) -> list:
+  cores = ','.join(str(core) for core in worker.cores) if worker.cores is not None else ''
+  return [sys.executable, '-c', _LAUNCHER, cores, *worker.argv]
 
 
 def _stop(proc):
@@ -87,9 +98,8 @@ def run(workers: Sequence[Worker], timeout_s: float, log_dir: str, *,
       logs.append((out, err))
       env = {**os.environ, **worker.env} if worker.env else None
       with open(out, 'w') as stdout, open(err, 'w') as stderr:
-        procs.append(subprocess.Popen(list(worker.argv), stdout=stdout, stderr=stderr, cwd=cwd,
-                                      env=env, start_new_session=True,
-                                      preexec_fn=_prepare(worker.cores)))
+        procs.append(subprocess.Popen(_launch_argv(worker), stdout=stdout, stderr=stderr,
+                                      cwd=cwd, env=env, start_new_session=True))
     deadline = time.monotonic() + timeout_s
     while any(proc.poll() is None for proc in procs):
       failed = [i for i, proc in enumerate(procs) if proc.poll() not in (None, 0)]

@@ -76,8 +76,12 @@ class _Background:
         env={**(env or os.environ), 'PYTHONPATH': REPO}, stdout=self._stdout,
         stderr=self._stderr)
 
-  def wait_for(self, condition, timeout=120):
-    """Polls `condition()` until true; fails if the process ends or time runs out first."""
+  def wait_for(self, condition, timeout=300):
+    """Polls `condition()` until true; fails if the process ends or time runs out first.
+
+    The timeout only catches a run that hangs: the suite runs tests two at a time
+    (pytest -n), so a run may take twice its time on an idle machine.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       if condition():
@@ -90,7 +94,7 @@ class _Background:
     raise AssertionError(f'timed out: {self.output()[1][-2000:]}')
 
   def output(self):
-    self.proc.wait(timeout=120)
+    self.proc.wait(timeout=300)
     self._stdout.seek(0)
     self._stderr.seek(0)
     return self._stdout.read(), self._stderr.read()
