@@ -50,8 +50,19 @@ from absl import flags
 from benchmarks import processes
 
 FLAGS = flags.FLAGS
-CONFIGS = ('bwbpf_one_core', 'bwbpf_all_cores', 'bp_all_cores', 'blocks', 'data_bwbpf',
-           'data_bp')
+# name: (spans the P processes, pinned to all P cores, mode, --parallel). A configuration
+# that spans processes gives each one core; one that does not is a single process on
+# one core or, pinned to all, on every core.
+_LAYOUTS = {
+    'bwbpf_one_core': (False, False, 'bwbpf', 'none'),
+    'bwbpf_all_cores': (False, True, 'bwbpf', 'none'),
+    'bp_all_cores': (False, True, 'bp', 'none'),
+    'blocks': (True, False, 'bwbpf', 'blocks'),
+    'data_bwbpf': (True, False, 'bwbpf', 'data'),
+    'data_bp': (True, False, 'bp', 'data'),
+}
+CONFIGS = tuple(_LAYOUTS)
+
 
 @dataclasses.dataclass(frozen=True)
 class Configuration:
@@ -64,17 +75,12 @@ class Configuration:
 
 def configuration(name: str, num_processes: int) -> Configuration:
   """The named configuration for P = `num_processes` cores."""
-  if name == 'bwbpf_one_core':
-    return Configuration(name, 1, 1, ('--mode=bwbpf', '--parallel=none'))
-  if name in ('bwbpf_all_cores', 'bp_all_cores'):
-    mode = name.split('_')[0]
-    return Configuration(name, 1, num_processes, (f'--mode={mode}', '--parallel=none'))
-  if name == 'blocks':
-    return Configuration(name, num_processes, 1, ('--mode=bwbpf', '--parallel=blocks'))
-  if name in ('data_bwbpf', 'data_bp'):
-    mode = name.split('_')[1]
-    return Configuration(name, num_processes, 1, (f'--mode={mode}', '--parallel=data'))
-  raise ValueError(f'unknown configuration {name!r}; choose from {", ".join(CONFIGS)}')
+  if name not in _LAYOUTS:
+    raise ValueError(f'unknown configuration {name!r}; choose from {", ".join(CONFIGS)}')
+  spans_processes, all_cores, mode, parallel = _LAYOUTS[name]
+  return Configuration(name, num_processes if spans_processes else 1,
+                       num_processes if all_cores else 1,
+                       (f'--mode={mode}', f'--parallel={parallel}'))
 
 
 def steps_for_budget(budget_seconds: float, images_per_sec: float, batch_size: int) -> int:
