@@ -6,6 +6,7 @@ code also trains with deep supervision (the reference implementation's
 behaviour) and with plain backprop, for honest comparisons.
 
     model = bwbpf_jax.build_model('vgg16', num_classes=10, num_blocks=4)
+    # or a network of one's own: bwbpf_jax.build_model(bwbpf_jax.Network(units=...), ...)
     tx = bwbpf_jax.make_optimizer('sgd', learning_rate=0.1, total_steps=10_000)
     states = bwbpf_jax.init_block_states(model, tx, jax.random.key(0), (32, 32, 3))
     train_step = bwbpf_jax.make_train_step(model, tx)
@@ -19,7 +20,9 @@ Python lists of blocks are indexed from 0 (block k is `model.blocks[k - 1]`).
 """
 
 from bwbpf_jax.errors import UsageError
+from bwbpf_jax.network import Network
 from bwbpf_jax.models import ARCHITECTURES, HEADS
+from bwbpf_jax.models.heads import LinearHead, pool_features
 from bwbpf_jax.optimizers import OPTIMIZERS, make_optimizer
 from bwbpf_jax.cost import (activation_balanced_split_points, aux_flop_fractions, flop_counts,
                             unit_activation_bytes)

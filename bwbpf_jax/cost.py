@@ -11,6 +11,7 @@ training too.
 """
 
 import functools
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,8 @@ import optax
 
 from bwbpf_jax import models
 from bwbpf_jax.models import layers
+from bwbpf_jax.network import Network, layer_failure
+from bwbpf_jax.errors import UsageError
 from bwbpf_jax.partition import PartitionedModel
 from bwbpf_jax.splits import balanced_split_points
 from bwbpf_jax.state import abstract_block_states
@@ -83,8 +86,8 @@ def _nbytes(tree) -> int:
   return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
-def unit_activation_bytes(arch: str, input_shape, *, batch_size: int, width: float = 1.0,
-                          stem: str = 'cifar', dtype=jnp.float32) -> list:
+def unit_activation_bytes(network: Union[Network, str], input_shape, *, batch_size: int,
+                          width: float = 1.0, stem: str = 'cifar', dtype=jnp.float32) -> list:
   """Bytes each unit keeps alive between its forward and backward pass, training mode.
 
   The residuals of the unit's VJP (its input, conv outputs, BatchNorm
@@ -95,20 +98,27 @@ def unit_activation_bytes(arch: str, input_shape, *, batch_size: int, width: flo
   convolution keeps the same tensors).
 
   Args:
-    arch: one of `models.ARCHITECTURES`.
-    input_shape: one image's [H, W, C].
+    network: a `Network`, a built-in name or 'package.module:function' (as
+      `build_model`'s).
+    input_shape: one example's shape ([H, W, C] for an image).
     batch_size: examples per step (activations scale with it, weights do not).
-    width, stem, dtype: as `build_model`'s.
+    width, stem, dtype: as `build_model`'s (built-in networks).
 
   Returns:
     One byte count per unit.
   """
-  stem_module, units, _ = models.architecture_units(arch, width=width, stem=stem, dtype=dtype)
+  network = models.resolve(network, width=width, stem=stem, dtype=dtype)
   x = jax.ShapeDtypeStruct((batch_size,) + tuple(input_shape), jnp.float32)
   counts = []
+  labelled = ([('the stem', network.stem)] if network.stem is not None else []) + [
+      (f'unit {i} ({type(unit).__name__})', unit) for i, unit in enumerate(network.units)]
   with layers.xla_convolutions():
-    for layer in ([stem_module] if stem_module is not None else []) + list(units):
-      variables = jax.eval_shape(functools.partial(layer.init, train=True), jax.random.key(0), x)
+    for label, layer in labelled:
+      try:
+        variables = jax.eval_shape(functools.partial(layer.init, train=True),
+                                   jax.random.key(0), x)
+      except Exception as e:  # pylint: disable=broad-except
+        raise layer_failure(label, e, x.shape) from None
       params, others = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
 
       def forward(params, x, others, layer=layer):
@@ -120,14 +130,14 @@ def unit_activation_bytes(arch: str, input_shape, *, batch_size: int, width: flo
           others)
       counts.append(_nbytes(residuals))
       x = jax.eval_shape(forward, params, x, others)
-  if stem_module is not None:
+  if network.stem is not None:
     counts = [counts[0] + counts[1]] + counts[2:]
   return counts
 
 
-def activation_balanced_split_points(arch: str, num_blocks: int, input_shape, *,
-                                     batch_size: int, width: float = 1.0, stem: str = 'cifar',
-                                     dtype=jnp.float32) -> tuple:
+def activation_balanced_split_points(network: Union[Network, str], num_blocks: int,
+                                     input_shape, *, batch_size: int, width: float = 1.0,
+                                     stem: str = 'cifar', dtype=jnp.float32) -> tuple:
   """Split points that make the largest block's activation memory smallest.
 
   The block-wise bwbpf step holds one block's activations at a time, so its peak
@@ -136,8 +146,11 @@ def activation_balanced_split_points(arch: str, num_blocks: int, input_shape, *,
   ones (ResNet-50 at 32x32: 0.9 GB against 0.1 GB per unit at batch 128), so a
   cut balanced on `unit_activation_bytes` lowers the peak for the same K.
   """
-  costs = unit_activation_bytes(arch, input_shape, batch_size=batch_size, width=width,
+  costs = unit_activation_bytes(network, input_shape, batch_size=batch_size, width=width,
                                 stem=stem, dtype=dtype)
+  if not 1 <= num_blocks <= len(costs):
+    raise UsageError(f'cannot cut {len(costs)} units into {num_blocks} blocks; '
+                     f'choose num_blocks between 1 and {len(costs)}')
   return balanced_split_points(costs, num_blocks)
 
 
@@ -146,10 +159,12 @@ def activation_balanced_split_points(arch: str, num_blocks: int, input_shape, *,
 SPLIT_BY = ('stages', 'activations')
 
 
-def split_points_by(split_by: str, arch: str, num_blocks: int, input_shape, *, batch_size: int,
-                    width: float = 1.0, stem: str = 'cifar', dtype=jnp.float32):
+def split_points_by(split_by: str, network: Union[Network, str], num_blocks: int, input_shape, *,
+                    batch_size: int, width: float = 1.0, stem: str = 'cifar',
+                    dtype=jnp.float32):
   """`build_model`'s split_points for a cut named in `SPLIT_BY` (None: the paper's default)."""
   if split_by == 'stages':
     return None
-  return activation_balanced_split_points(arch, num_blocks, input_shape, batch_size=batch_size,
-                                          width=width, stem=stem, dtype=dtype)
+  return activation_balanced_split_points(network, num_blocks, input_shape,
+                                          batch_size=batch_size, width=width, stem=stem,
+                                          dtype=dtype)

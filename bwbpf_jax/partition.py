@@ -1,6 +1,7 @@
 """Cutting a network's unit sequence into K blocks, each a Flax module with its own head.
 
-A network is `stem, unit_0 .. unit_{n-1}, classifier`. Split points are the unit
+A network (a `bwbpf_jax.Network`: the library's own, or a user's) is
+`stem, unit_0 .. unit_{n-1}`, and a classifier is added as block K's head. Split points are the unit
 indices where a new block starts: K blocks have K-1 of them. Blocks are
 numbered 1..K (as on the command line; `model.blocks[k - 1]` is block k). The
 stem always belongs to block 1 and the classifier is block K's head; blocks
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from bwbpf_jax import models
 from bwbpf_jax import splits
 from bwbpf_jax.errors import UsageError
+from bwbpf_jax.network import Network, error_summary, layer_failure
 
 # bwbpf: every block's input is detached; each block learns from its own head only.
 # deep_supervision: nothing is detached; every head's loss reaches all earlier blocks
@@ -64,7 +66,8 @@ class LossSpec:
 class Block(nn.Module):
   """A contiguous run of units and the head that reads its output.
 
-  Returns `(features, outputs)`: `features` [B, H, W, C] feed the next block and
+  Returns `(features, outputs)`: `features` ([B, H, W, C] maps, [B, T, D] tokens
+  or [B, D] vectors, whatever the units make) feed the next block and
   `outputs` is what `loss` reads: {'logits': [B, num_classes]}, plus
   'embedding' and 'reconstruction' where the head is a `heads.Objective`.
   """
@@ -78,6 +81,10 @@ class Block(nn.Module):
 
   def features(self, x, train: bool):
     """The block's backbone part: its (detached) input through the stem and units."""
+    with models.layers.library_layers():
+      return self._features(x, train)
+
+  def _features(self, x, train: bool):
     if self.detach_input:
       # The block boundary: no gradient from this block's loss leaves the block.
       x = jax.lax.stop_gradient(x)
@@ -95,16 +102,20 @@ class Block(nn.Module):
 
   def __call__(self, x, train: bool, image_shape=None):
     """`image_shape`: the input image's static (H, W, C), what a decoder reconstructs."""
-    x = self.features(x, train)
-    head_input = jax.lax.stop_gradient(x) if self.detach_head_input else x
-    if isinstance(self.head, models.heads.Objective):
-      return x, self.head(head_input, train=train, image_shape=image_shape)
-    return x, {'logits': self.head(head_input, train=train)}
+    with models.layers.library_layers():
+      x = self._features(x, train)
+      head_input = jax.lax.stop_gradient(x) if self.detach_head_input else x
+      if isinstance(self.head, models.heads.Objective):
+        return x, self.head(head_input, train=train, image_shape=image_shape)
+      return x, {'logits': self.head(head_input, train=train)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PartitionedModel:
-  """A network cut into blocks; hashable, so it can be a static argument of jit."""
+  """A network cut into blocks; hashable, so it can be a static argument of jit.
+
+  `arch` is the network's name (`Network.name`: a built-in's, or a user's).
+  """
   arch: str
   blocks: tuple
   split_points: tuple
@@ -145,7 +156,7 @@ def default_split_points(stage_of_unit: Sequence[int], num_blocks: int) -> tuple
   num_units = len(stage_of_unit)
   if not 1 <= num_blocks <= num_units:
     raise UsageError(f'cannot cut {num_units} units into {num_blocks} blocks; '
-                     f'choose --num_blocks between 1 and {num_units}')
+                     f'choose num_blocks between 1 and {num_units}')
   stage_sizes = [stage_of_unit.count(s) for s in sorted(set(stage_of_unit))]
   stage_starts = [sum(stage_sizes[:s]) for s in range(len(stage_sizes))]
   if num_blocks <= len(stage_sizes):
@@ -168,31 +179,36 @@ def validate_split_points(split_points: Sequence[int], num_units: int) -> tuple:
   points = tuple(int(p) for p in split_points)
   if any(not 0 < p < num_units for p in points) or list(points) != sorted(set(points)):
     raise UsageError(f'split points {list(points)} must be strictly increasing unit '
-                     f'indices between 1 and {num_units - 1}')
+                     f'indices between 1 and {num_units - 1} (the network has {num_units} units)')
   return points
 
 
-def build_model(arch: str, *, num_classes: int, num_blocks: Optional[int] = None,
+def build_model(network: Union[Network, str], *, num_classes: int, num_blocks: Optional[int] = None,
                 split_points: Optional[Sequence[int]] = None, mode: str = 'bwbpf',
                 aux_head: Union[str, Sequence[str]] = 'linear', width: float = 1.0,
                 stem: str = 'cifar', dtype: Any = jnp.float32, local_loss: str = 'xent',
                 loss_weights: Optional[Sequence[float]] = None,
                 remat: bool = False, auglocal_depth: int = 2) -> PartitionedModel:
-  """Builds `arch` cut into blocks for training `mode`.
+  """Builds `network` cut into blocks for training `mode`.
 
   Args:
-    arch: one of `models.ARCHITECTURES`.
+    network: a `Network` (a user's own: its units are cut as they are), the
+      name of a built-in one (`models.ARCHITECTURES`), or
+      'package.module:function' naming a function that returns a `Network`.
     num_classes: classes of every head (at least 2).
     num_blocks: K (default 4, or what `split_points` makes). K=1 is plain backprop.
     split_points: unit indices where blocks 2..K start, instead of the default cut;
       with `num_blocks` too, the two must agree.
     mode: one of `MODES`.
-    aux_head: head of blocks 1..K-1 (one of `models.HEADS`), or a list of K-1
-      names, one per auxiliary block; block K's head is always the standard
-      linear classifier.
-    width: channel multiplier, positive (0.25 for quick CPU runs).
-    stem: 'cifar' (3x3, stride 1) or 'imagenet' (7x7 stride 2 + max-pool), ResNets only.
-    dtype: computation dtype (parameters stay float32), e.g. jnp.bfloat16 on accelerators.
+    aux_head: head of blocks 1..K-1 (one of `models.HEADS`, or a user's head: a
+      callable such as a Flax module class, called as `aux_head(num_classes,
+      dtype=dtype)`), or a list of K-1 of these, one per auxiliary block;
+      block K's head is always the standard linear classifier.
+    width: channel multiplier of a built-in network, positive (0.25 for quick CPU runs).
+    stem: 'cifar' (3x3, stride 1) or 'imagenet' (7x7 stride 2 + max-pool), built-in
+      ResNets only.
+    dtype: computation dtype of the heads and of a built-in network (parameters stay
+      float32), e.g. jnp.bfloat16 on accelerators; a user's network sets its own.
     local_loss: loss of blocks 1..K-1, one of `LOSSES`.
     loss_weights: InfoPro's (reconstruction, task) weights of the first and the
       last auxiliary block, `(recon_first, task_first, recon_last, task_last)`,
@@ -217,10 +233,10 @@ def build_model(arch: str, *, num_classes: int, num_blocks: Optional[int] = None
     raise UsageError(f'split_points={",".join(map(str, split_points))} makes '
                      f'{len(split_points) + 1} blocks but num_blocks={num_blocks}; give one of '
                      f'the two')
-  stem_module, units, stage_of_unit = models.architecture_units(
-      arch, width=width, stem=stem, dtype=dtype)
+  network = models.resolve(network, width=width, stem=stem, dtype=dtype)
+  stem_module, units = network.stem, network.units
   if split_points is None:
-    split_points = default_split_points(stage_of_unit, 4 if num_blocks is None else num_blocks)
+    split_points = default_split_points(network.stages(), 4 if num_blocks is None else num_blocks)
   split_points = validate_split_points(split_points, len(units))
   bounds = (0,) + split_points + (len(units),)
   num_blocks = len(bounds) - 1
@@ -239,12 +255,12 @@ def build_model(arch: str, *, num_classes: int, num_blocks: Optional[int] = None
         detach_input=(mode == 'bwbpf'),
         detach_head_input=(mode == 'bp' and not is_output), remat=remat,
         loss=LossSpec() if is_output else loss_specs[k]))
-  return PartitionedModel(arch=arch, blocks=tuple(blocks), split_points=split_points,
+  return PartitionedModel(arch=network.name, blocks=tuple(blocks), split_points=split_points,
                           mode=mode, num_classes=num_classes, remat=remat)
 
 
 def _aux_head_names(aux_head, num_aux: int) -> tuple:
-  if isinstance(aux_head, str):
+  if isinstance(aux_head, str) or callable(aux_head):
     return (aux_head,) * num_aux
   names = tuple(aux_head)
   if len(names) != num_aux:
@@ -289,6 +305,46 @@ def aux_loss_specs(local_loss: str, num_aux: int,
                           task_weight=task_first * (1 - ratio) + task_last * ratio,
                           reconstruction_weight=recon_first * (1 - ratio) + recon_last * ratio))
   return tuple(specs)
+
+
+def explain_block_failure(model: PartitionedModel, block_index: int, x,
+                          image_shape=None) -> None:
+  """Raises a `UsageError` naming what in block `block_index` + 1 cannot run on `x`, if anything.
+
+  Called when a block fails to initialise, to turn a Flax or shape error deep in
+  a user's network into one line: the stem or the unit (by its index in the
+  network) that does not accept `train` or cannot read the previous unit's
+  output, or the head that cannot read the block's features. Returns quietly
+  when every part runs (the failure was elsewhere; the caller re-raises it).
+
+  Args:
+    model: the partitioned network.
+    block_index: 0-based index of the block.
+    x: the block's input (an array or `jax.ShapeDtypeStruct`, batch first).
+    image_shape: the network input's shape without the batch, for a decoder head.
+  """
+  block = model.blocks[block_index]
+  first_unit = sum(len(b.units) for b in model.blocks[:block_index])
+  layers = [('the stem', block.stem)] if block.stem is not None else []
+  layers += [(f'unit {first_unit + i} ({type(unit).__name__})', unit)
+             for i, unit in enumerate(block.units)]
+  x = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  for label, layer in layers:
+    layer = layer.clone(parent=None)
+    try:
+      x = jax.eval_shape(lambda k, v, layer=layer: layer.init_with_output(k, v, train=False)[0],
+                         key, x)
+    except Exception as e:  # pylint: disable=broad-except
+      raise layer_failure(label, e, x.shape) from None
+  head = block.head.clone(parent=None)
+  extra = {'image_shape': image_shape} if isinstance(head, models.heads.Objective) else {}
+  try:
+    jax.eval_shape(lambda k, v: head.init(k, v, train=False, **extra), key, x)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = str(e) if isinstance(e, UsageError) else error_summary(e)
+    raise UsageError(f'block {block_index + 1}\'s head ({type(block.head).__name__}) cannot '
+                     f'read its features of shape {list(x.shape)}: {reason}') from None
 
 
 def block_unit_counts(model: PartitionedModel) -> tuple:

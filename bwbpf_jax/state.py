@@ -1,5 +1,6 @@
 """Per-block training state: each block's parameters, batch statistics and optimizer state."""
 
+import contextlib
 import functools
 from typing import Any
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bwbpf_jax.partition import PartitionedModel
+from bwbpf_jax.partition import PartitionedModel, explain_block_failure
 
 
 @flax.struct.dataclass
@@ -45,7 +46,8 @@ def init_block_states(model: PartitionedModel, tx: optax.GradientTransformation,
     model: the partitioned network.
     tx: the optimizer every block uses (each block gets its own state of it).
     rng: a PRNG key; block k's parameters come from the k-th split of it.
-    input_shape: one input's shape [H, W, C] or a batch's [B, H, W, C].
+    input_shape: one input's shape ([H, W, C] for an image, [T, D] tokens, [D]), or
+      a batch's [B, H, W, C].
 
   Returns:
     A tuple of K `BlockState`s.
@@ -53,9 +55,11 @@ def init_block_states(model: PartitionedModel, tx: optax.GradientTransformation,
   x = jnp.zeros(_batch_shape(input_shape), jnp.float32)
   image_shape = x.shape[1:]
   states = []
-  for block, key in zip(model.blocks, jax.random.split(rng, model.num_blocks)):
-    init = jax.jit(functools.partial(_init_block, block, tx,
-                                     image_shape=image_shape)).lower(key, x)
+  for index, (block, key) in enumerate(zip(model.blocks,
+                                            jax.random.split(rng, model.num_blocks))):
+    with _explained_failures(model, index, x, image_shape):
+      init = jax.jit(functools.partial(_init_block, block, tx,
+                                       image_shape=image_shape)).lower(key, x)
     states.append(init.compile(_compile_options())(key, x))
     x = jax.eval_shape(functools.partial(_block_output, block), states[-1], x)
     x = jnp.zeros(x.shape, x.dtype)
@@ -72,11 +76,26 @@ def abstract_block_states(model: PartitionedModel, tx: optax.GradientTransformat
   image_shape = x.shape[1:]
   key = jax.eval_shape(lambda: jax.random.key(0))
   states = []
-  for block in model.blocks:
-    states.append(jax.eval_shape(functools.partial(_init_block, block, tx,
-                                                   image_shape=image_shape), key, x))
+  for index, block in enumerate(model.blocks):
+    with _explained_failures(model, index, x, image_shape):
+      states.append(jax.eval_shape(functools.partial(_init_block, block, tx,
+                                                     image_shape=image_shape), key, x))
     x = jax.eval_shape(functools.partial(_block_output, block), states[-1], x)
   return tuple(states)
+
+
+@contextlib.contextmanager
+def _explained_failures(model, block_index, x, image_shape):
+  """A block that fails to initialise is explained in one line (`explain_block_failure`).
+
+  A failure the explanation cannot place (every part of the block runs on its
+  own) is raised as it was.
+  """
+  try:
+    yield
+  except Exception:  # pylint: disable=broad-except
+    explain_block_failure(model, block_index, x, image_shape)
+    raise
 
 
 def _batch_shape(input_shape) -> tuple:

@@ -28,6 +28,12 @@ block (its parameters live under the block's 'head' and are shared with nothing)
 `Objective` wraps any of them when the block's loss needs more than logits: an
 embedding for a contrastive loss (with a linear probe on detached features for
 the accuracy readout) and InfoPro's image decoder for a reconstruction loss.
+
+Features of any rank: `linear`, `mlp` and `auglocal` read vectors [B, D],
+token sequences [B, T, D] and maps [B, H, W, C] (pooled over every axis
+between batch and channels); `dgl`, `infopro` and the decoder are built on
+convolutions over maps and refuse other features with a `UsageError` that
+says what they read.
 """
 
 import math
@@ -38,9 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import layers
-from bwbpf_jax.models import resnet
-from bwbpf_jax.models import vgg
 
 
 def adaptive_avg_pool(x, output_hw):
@@ -57,15 +62,33 @@ def adaptive_avg_pool(x, output_hw):
   return jnp.concatenate(columns, axis=2)
 
 
+def pool_features(x):
+  """[B, ..., C] -> [B, C]: the mean over every axis between batch and channels.
+
+  Global average pooling of a map [B, H, W, C], mean pooling of tokens
+  [B, T, D]; a vector [B, D] is returned as it is.
+  """
+  if x.ndim < 2:
+    raise UsageError(f'features must have a batch and a feature axis, got shape {x.shape}')
+  return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+
+
+def require_maps(x, head: str):
+  """Refuses features that are not [B, H, W, C] maps, for heads built on convolutions."""
+  if x.ndim != 4:
+    raise UsageError(f'the {head} head reads [B, H, W, C] feature maps, got features of shape '
+                     f'{list(x.shape)}; linear, mlp and auglocal read features of any rank')
+
+
 class LinearHead(nn.Module):
-  """[B, H, W, C] -> global average pool -> dense -> float32 [B, num_classes]."""
+  """[B, ..., C] -> average over all but batch and channels -> dense -> float32 [B, num_classes]."""
   num_classes: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     del train
-    x = jnp.mean(x, axis=(1, 2))
+    x = pool_features(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -73,7 +96,10 @@ class MLPHead(nn.Module):
   """[B, H, W, C] -> 1x1 conv-BN-ReLU -> avg-pool to 2x2 -> dense-ReLU -> dense logits.
 
   The library's own light head (see the module docstring for why it stays):
-  max(32, C) hidden channels and units.
+  max(32, C) hidden channels and units. On vectors [B, D] and tokens [B, T, D]
+  the 1x1 conv is its per-position analogue, dense-ReLU (no BatchNorm, which
+  token networks do not use), and the positions are mean-pooled instead of
+  pooled to 2x2.
   """
   num_classes: int
   dtype: Any = jnp.float32
@@ -81,6 +107,10 @@ class MLPHead(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     hidden = max(32, x.shape[-1])
+    if x.ndim != 4:
+      x = pool_features(nn.relu(nn.Dense(hidden, dtype=self.dtype)(x)))
+      x = nn.relu(nn.Dense(hidden, dtype=self.dtype)(x))
+      return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
     x = layers.conv(hidden, 1, use_bias=False, dtype=self.dtype)(x)
     x = nn.relu(layers.batch_norm(train, self.dtype)(x))
     height, width = x.shape[1:3]
@@ -103,6 +133,7 @@ class DGLHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    require_maps(x, 'dgl')
     channels = x.shape[-1]
     x = adaptive_avg_pool(x, (math.ceil(x.shape[1] / 4), math.ceil(x.shape[2] / 4)))
     for _ in range(3):
@@ -127,6 +158,7 @@ class InfoProHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    require_maps(x, 'infopro')
     large = x.shape[1] > 8
     x = layers.conv(x.shape[-1] * (2 if large else 1), 3, 2 if large else 1, use_bias=False,
                     dtype=self.dtype)(x)
@@ -136,19 +168,9 @@ class InfoProHead(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-def _downsamples(unit) -> bool:
-  return ((isinstance(unit, resnet.ResidualUnit) and unit.stride > 1)
-          or (isinstance(unit, vgg.ConvUnit) and unit.pool)
-          or (isinstance(unit, resnet.Stem) and unit.kind != 'cifar'))
-
-
-def _with_downsampling(unit, downsample: bool):
-  """A fresh, unbound copy of `unit` that halves the map or not."""
-  if isinstance(unit, resnet.ResidualUnit):
-    return unit.clone(parent=None, stride=2 if downsample else 1)
-  if isinstance(unit, vgg.ConvUnit):
-    return unit.clone(parent=None, pool=downsample)
-  return unit.clone(parent=None)
+def _asks_resolution(unit) -> bool:
+  """Whether a unit says how it changes resolution (the protocol in `bwbpf_jax.network`)."""
+  return hasattr(unit, 'downsamples') and callable(getattr(unit, 'with_downsampling', None))
 
 
 def auglocal_depth(aux_index: int, num_aux: int, max_depth: int = 2,
@@ -177,17 +199,27 @@ def auglocal_units(following_units: Sequence[nn.Module], depth: int) -> tuple:
     picks = list(range(count))
   else:
     picks = [round(i * count / depth) - 1 for i in range(1, depth + 1)]
+  if picks == list(range(len(picks))) and not any(map(_asks_resolution, following_units)):
+    # Nothing skipped: plain copies of a network whose units say nothing of resolution.
+    return tuple(unit.clone(parent=None) for unit in following_units[:len(picks)])
+  for offset, unit in enumerate(following_units[:picks[-1] + 1]):
+    if not _asks_resolution(unit):
+      raise UsageError(
+          f'the auglocal head copies a sample of the later units and must move the '
+          f'downsampling of those it skips: unit {type(unit).__name__} ({offset} after the '
+          f'block) has no `downsamples` attribute and `with_downsampling(bool)` method; give '
+          f'its class these two (see bwbpf_jax.Network), or choose another head')
   copies, pending, previous = [], 0, -1
   for index in picks:
-    pending += sum(_downsamples(u) for u in following_units[previous + 1:index + 1])
-    copies.append(_with_downsampling(following_units[index], pending > 0))
+    pending += sum(bool(u.downsamples) for u in following_units[previous + 1:index + 1])
+    copies.append(following_units[index].with_downsampling(pending > 0))
     pending = max(0, pending - 1)
     previous = index
   return tuple(copies)
 
 
 class AugLocalHead(nn.Module):
-  """AugLocal: [B, H, W, C] -> fresh copies of sampled later units -> global pool [-> BN] -> dense.
+  """AugLocal: features -> fresh copies of sampled later units -> pool [-> BN] -> dense.
 
   The copies have the shapes of the backbone's later units but parameters of
   their own, so the block learns features that serve the layers after it
@@ -202,7 +234,7 @@ class AugLocalHead(nn.Module):
   def __call__(self, x, train: bool):
     for unit in self.units:
       x = unit(x, train=train)
-    x = jnp.mean(x, axis=(1, 2))
+    x = pool_features(x)
     if len(self.units) <= 1:
       x = layers.batch_norm(train, self.dtype)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
@@ -245,6 +277,10 @@ class Decoder(nn.Module):
   def __call__(self, x, train: bool, image_shape=None):
     if image_shape is None:
       raise ValueError('the decoder needs the image shape (H, W, C) it reconstructs')
+    require_maps(x, 'reconstruction decoder')
+    if len(image_shape) != 3:
+      raise UsageError(f'the reconstruction losses rebuild an image [H, W, C]; the input has '
+                       f'shape {list(image_shape)}')
     height, width, channels = image_shape
     x = upsample_bilinear(x, (height, width))
     x = layers.conv(self.hidden, 3, use_bias=True, dtype=self.dtype)(x)

@@ -129,6 +129,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     convolution is an im2col matrix multiply instead.
   Both give the same values to float rounding.
   """
+  if isinstance(padding, str) and lhs.ndim == rhs.ndim == 4 and dimension_numbers is not None:
+    # 'SAME'/'VALID' (flax's default) as explicit pairs, so the fast paths below apply.
+    dilated_window = [(k - 1) * (1 if rhs_dilation is None else d) + 1
+                      for k, d in zip(rhs.shape[:2], rhs_dilation or (1, 1))]
+    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == (
+        lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], dilated_window, window_strides, padding)
   conv_args = dict(padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                    dimension_numbers=dimension_numbers,
                    feature_group_count=feature_group_count, **kwargs)
@@ -152,6 +159,53 @@ def conv(features: int, kernel: int, stride: int = 1, *, use_bias: bool, dtype, 
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
                  kernel_init=conv_kernel_init, conv_general_dilated=conv_general_dilated,
                  name=name)
+
+
+@contextlib.contextmanager
+def _attributes_set(module, **values):
+  """Sets fields of a (frozen) Flax module for the length of one call, then restores them."""
+  saved = {name: getattr(module, name) for name in values}
+  for name, value in values.items():
+    object.__setattr__(module, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      object.__setattr__(module, name, value)
+
+
+def _as_library_layers(next_fun, args, kwargs, context):
+  """Interceptor: a plain `nn.Conv` or `nn.BatchNorm` of any network behaves as the library's own.
+
+  - A `flax.linen.Conv` without a convolution of its own runs `conv_general_dilated`
+    above (oneDNN on CPU, where XLA's convolution inside the stage pipeline's
+    `lax.switch` is ~60x slower, jax#12868); GPU and TPU keep XLA's.
+  - A `flax.linen.BatchNorm` without an `axis_name` takes its statistics over the
+    axis of `batch_stats_over`, where one is set (the pipeline's 'global' choice).
+  Modules that choose either themselves (the built-in networks do) are left alone,
+  so the built-in networks compute exactly what they did without this.
+  """
+  module = context.module
+  if context.method_name == '__call__':
+    if (isinstance(module, nn.Conv) and module.conv_general_dilated is None
+        and module.conv_general_dilated_cls is None):
+      with _attributes_set(module, conv_general_dilated=conv_general_dilated):
+        return next_fun(*args, **kwargs)
+    if (isinstance(module, nn.BatchNorm) and module.axis_name is None
+        and _BATCH_STATS_AXIS.get() is not None):
+      with _attributes_set(module, axis_name=_BATCH_STATS_AXIS.get()):
+        return next_fun(*args, **kwargs)
+  return next_fun(*args, **kwargs)
+
+
+def library_layers():
+  """Within this block, every network's plain flax Conv and BatchNorm act as the library's layers.
+
+  Blocks trace their units inside it (`partition.Block`), so a user's network
+  written with `flax.linen` gets the library's CPU convolution and the stage
+  pipeline's global BatchNorm statistics with no change to its code.
+  """
+  return nn.intercept_methods(_as_library_layers)
 
 
 def scaled(channels: int, width: float) -> int:

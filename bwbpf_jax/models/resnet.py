@@ -41,6 +41,16 @@ class Stem(nn.Module):
     x = nn.relu(layers.batch_norm(train, self.dtype)(x))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+  @property
+  def downsamples(self) -> bool:
+    return self.kind != 'cifar'
+
+  def with_downsampling(self, downsample: bool) -> 'Stem':
+    """A fresh copy; a stem's resolution is fixed by its kind, so only its own is possible."""
+    if downsample != self.downsamples:
+      raise ValueError(f'a {self.kind} stem cannot be copied with downsample={downsample}')
+    return self.clone(parent=None)
+
 
 class ResidualUnit(nn.Module):
   """One basic or bottleneck unit with a projection shortcut where shapes change."""
@@ -65,6 +75,15 @@ class ResidualUnit(nn.Module):
     if self.stride != 1 or x.shape[-1] != out_features:
       x = bn()(conv(out_features, 1, self.stride)(x))
     return nn.relu(x + y)
+
+  @property
+  def downsamples(self) -> bool:
+    """Whether the unit halves the map (what AugLocal's copies of it must know)."""
+    return self.stride > 1
+
+  def with_downsampling(self, downsample: bool) -> 'ResidualUnit':
+    """A fresh, unbound copy with stride 2 or 1."""
+    return self.clone(parent=None, stride=2 if downsample else 1)
 
 
 def resnet_units(arch: str, width: float = 1.0, stem: str = 'cifar', dtype=jnp.float32):

@@ -36,6 +36,15 @@ class ConvUnit(nn.Module):
       x = layers.max_pool_2x2(x)
     return x
 
+  @property
+  def downsamples(self) -> bool:
+    """Whether the unit halves the map (what AugLocal's copies of it must know)."""
+    return self.pool
+
+  def with_downsampling(self, downsample: bool) -> 'ConvUnit':
+    """A fresh, unbound copy that pools or not."""
+    return self.clone(parent=None, pool=downsample)
+
 
 def vgg_units(arch: str, width: float = 1.0, dtype=jnp.float32):
   """Returns (stem, units, stage_of_unit) for a VGG; VGG has no stem."""

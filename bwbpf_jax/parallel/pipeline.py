@@ -145,12 +145,36 @@ def process_feed_slice(mesh: jax.sharding.Mesh) -> tuple:
                    f'the mesh must give each process whole, contiguous rows')
 
 
+def _to_float32_exactly(leaf):
+  """A leaf as float32 values that `_from_float32` turns back into the same bits.
+
+  uint32 leaves (PRNG key data) are bit-cast; narrower floats (bfloat16,
+  float16) and integers are converted, which float32 holds exactly, int32
+  counters (optax's step counts) below 2**24 (as packed since the pipeline's
+  first checkpoints, which stay readable).
+  """
+  leaf = jnp.asarray(leaf)
+  if leaf.dtype == jnp.uint32:
+    return jax.lax.bitcast_convert_type(leaf, jnp.float32)
+  return leaf.astype(jnp.float32)
+
+
+def _from_float32(values, dtype):
+  if dtype == jnp.dtype(jnp.uint32):
+    if isinstance(values, np.ndarray):
+      return values.astype(np.float32).view(dtype)
+    return jax.lax.bitcast_convert_type(values, dtype)
+  return values.astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Packing:
   """Packs a pytree of arrays into one float32 vector of a given length, and back.
 
-  Every value survives the round trip exactly: float32 leaves are copied and
-  int32 leaves (optax step counts) are exact in float32 below 2**24. `unpack`
+  Every value survives the round trip exactly, whatever the network keeps:
+  float32 leaves are copied, uint32 bit-cast, int32 (optax step counts, exact
+  below 2**24) and narrower floats and integers (bfloat16 or float16
+  parameters, int8 counters) widened. Only 64-bit leaves, which float32 cannot hold, are refused. `unpack`
   works on jax and numpy arrays alike (the host unpacks checkpoints' shards).
   """
   treedef: Any
@@ -161,10 +185,10 @@ class _Packing:
   def of(cls, tree) -> '_Packing':
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     dtypes = tuple(jnp.dtype(leaf.dtype) for leaf in leaves)
-    allowed = (jnp.dtype(jnp.float32), jnp.dtype(jnp.int32))
-    if any(dtype not in allowed for dtype in dtypes):
-      raise UsageError(f'the stage pipeline packs float32 and int32 states, got '
-                       f'{sorted(set(map(str, dtypes)))}')
+    wide = sorted({str(dtype) for dtype in dtypes if dtype.itemsize > 4})
+    if wide:
+      raise UsageError(f'the stage pipeline packs states into float32; it cannot hold '
+                       f'{", ".join(wide)} leaves exactly')
     return cls(treedef, tuple(tuple(leaf.shape) for leaf in leaves), dtypes)
 
   @property
@@ -173,7 +197,7 @@ class _Packing:
 
   def pack(self, tree, length: int) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(tree)
-    flat = [jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves]
+    flat = [jnp.ravel(_to_float32_exactly(leaf)) for leaf in leaves]
     flat = jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
     return jnp.pad(flat, (0, length - self.size))
 
@@ -181,7 +205,7 @@ class _Packing:
     leaves, offset = [], 0
     for shape, dtype in zip(self.shapes, self.dtypes):
       size = math.prod(shape)
-      leaves.append(vector[offset:offset + size].reshape(shape).astype(dtype))
+      leaves.append(_from_float32(vector[offset:offset + size].reshape(shape), dtype))
       offset += size
     return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
