@@ -80,7 +80,9 @@ _UNSET = None
 flags.DEFINE_string('preset', None, f'Named configuration (--list_presets shows their '
                     f'settings): {", ".join(config_lib.PRESETS)}.')
 flags.DEFINE_enum('dataset', _UNSET, DATASET_NAMES, 'Dataset (default: digits, offline).')
-flags.DEFINE_enum('arch', _UNSET, bwbpf_jax.ARCHITECTURES, 'Architecture.')
+flags.DEFINE_string('arch', _UNSET, f'Network: one of {", ".join(bwbpf_jax.ARCHITECTURES)}, '
+                    'or package.module:function, a function of yours that returns a '
+                    'bwbpf_jax.Network (see README, "Your own network").')
 flags.DEFINE_integer('num_blocks', _UNSET, 'K, blocks the network is cut into (1 = backprop).')
 flags.DEFINE_list('split_points', _UNSET, 'Unit indices where blocks 2..K start '
                   '(overrides --num_blocks).')
@@ -291,7 +293,8 @@ def default_workdir(config, preset=None) -> str:
     folder = os.path.basename(os.path.normpath(os.path.expanduser(config.data_dir)))
     dataset += f'-{folder}'
   preset_part = f'{preset}_' if preset else ''
-  return os.path.join('runs', f'{dataset}_{preset_part}{config.arch}_{config.mode}')
+  arch = config.arch.rpartition(':')[2]  # A user's network: its function's name.
+  return os.path.join('runs', f'{dataset}_{preset_part}{arch}_{config.mode}')
 
 
 if __name__ == '__main__':

@@ -138,11 +138,13 @@ class LoopState:
 def train_and_evaluate(config: Config, workdir: str, log=print, *,
                        checkpoint_every: Optional[int] = None, resume_from: str = 'latest',
                        overwrite: bool = False,
-                       progress_seconds: float = writers.PROGRESS_SECONDS) -> dict:
+                       progress_seconds: float = writers.PROGRESS_SECONDS,
+                       network: Optional[bw.Network] = None) -> dict:
   """Runs (or resumes) the whole experiment described by `config`; returns results.json's dict.
 
   Args:
-    config: what to compute.
+    config: what to compute. `config.arch` names the network: a built-in one, or
+      'package.module:function' returning a `bw.Network` (imported here).
     workdir: where the run's files go; a rerun with the same workdir resumes.
     log: prints a line (only the chief process logs).
     checkpoint_every: save every N steps; None: at every epoch's end; 0: only at
@@ -151,6 +153,9 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
       latest is unreadable), or a step number as a string or int.
     overwrite: delete the run files of whatever run `workdir` holds and start afresh.
     progress_seconds: when stdout is not a terminal, a progress line this often.
+    network: a `bw.Network` to train instead of the one `config.arch` names
+      (from Python, e.g. a notebook); `config.arch` should then name it (its
+      `name`), since the workdir's stored config is what a rerun must match.
 
   Raises:
     bw.UsageError: another run's config in workdir, another run using it, an
@@ -165,14 +170,30 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
   lock = WorkdirLock(workdir) if is_chief else None
   try:
     return _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from,
-                               overwrite, progress_seconds)
+                               overwrite, progress_seconds, network)
   finally:
     if lock is not None:
       lock.release()
 
 
+def _network(config: Config, network, stem: str) -> bw.Network:
+  """The network the run trains: the one given, a built-in one by name, or a user's by import path.
+
+  Width, stem and dtype shape the built-in networks; a user's network is built
+  by its own code.
+  """
+  if network is not None:
+    if not isinstance(network, bw.Network):
+      raise bw.UsageError(f'network must be a bwbpf_jax.Network, got a {type(network).__name__}')
+    return network
+  if config.arch in bw.ARCHITECTURES:
+    return bw.models.network(config.arch, width=config.width, stem=stem,
+                             dtype=jnp.dtype(config.dtype))
+  return bw.models.resolve(config.arch)  # package.module:function, or a one-line error.
+
+
 def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from, overwrite,
-                        progress_seconds) -> dict:
+                        progress_seconds, network) -> dict:
   """train_and_evaluate, holding the workdir."""
   wall_start = time.time()
   is_chief = jax.process_index() == 0
@@ -184,16 +205,16 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   mean, std = data.normalization_stats(dataset.train_images)
   image_shape = dataset.image_shape
   stem = config.stem or ('imagenet' if image_shape[0] >= 64 else 'cifar')
+  network = _network(config, network, stem)
   split_points = config.split_points
   if split_points is None:  # Config refuses split_points with a split_by other than 'stages'.
     split_points = bw.cost.split_points_by(
-        config.split_by, config.arch, config.num_blocks, image_shape,
-        batch_size=config.batch_size, width=config.width, stem=stem,
-        dtype=jnp.dtype(config.dtype))
+        config.split_by, network, config.num_blocks, image_shape,
+        batch_size=config.batch_size)
   model = bw.build_model(
-      config.arch, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
+      network, num_classes=dataset.num_classes, num_blocks=config.num_blocks,
       split_points=split_points, mode=config.mode, aux_head=config.aux_head,
-      width=config.width, stem=stem, dtype=jnp.dtype(config.dtype), remat=config.remat,
+      dtype=jnp.dtype(config.dtype), remat=config.remat,
       local_loss=config.local_loss, loss_weights=config.loss_weights,
       auglocal_depth=config.auglocal_depth)
   aux_flops = bw.aux_flop_fractions(model, image_shape)
@@ -233,7 +254,8 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     else:
       states, loop = _restore(engine, manager, start_step, abstract_states, config,
                               steps_per_epoch)
-    log(f'{config.arch} x{config.width:g} on {config.dataset} {image_shape}: '
+    width = f' x{config.width:g}' if config.arch in bw.ARCHITECTURES else ''
+    log(f'{model.arch}{width} on {config.dataset} {image_shape}: '
         f'{model.num_blocks} blocks of {list(bw.partition.block_unit_counts(model))} units, '
         f'mode {config.mode}, {bw.backbone_param_count(model, abstract_states):,} backbone parameters '
         f'({bw.state.count_params([s.params for s in abstract_states]):,} with the auxiliary heads), '

@@ -118,10 +118,13 @@ def check_deep_supervision(test, setup):
       test.assertEqual(_is_zero(grads[k][j]), j > k, f'loss {k}, block {j}')
 
 
-def check_plain_backprop(test, arch, num_blocks):
-  """bp mode's backbone gradient equals jax.grad of the unpartitioned network's loss."""
-  model, _, states = _setup(arch, num_blocks, 'bp')
-  whole = bw.build_model(arch, num_classes=10, num_blocks=1, mode='bp', width=0.125)
+def check_plain_backprop(test, arch, num_blocks, width=0.125):
+  """bp mode's backbone gradient equals jax.grad of the unpartitioned network's loss.
+
+  `arch`: a built-in name or a `bw.Network` (then `width` must be 1).
+  """
+  model, _, states = _setup(arch, num_blocks, 'bp', width=width)
+  whole = bw.build_model(arch, num_classes=10, num_blocks=1, mode='bp', width=width)
   whole_params = _merge_blocks(model, [s.params for s in states])
   whole_stats = _merge_blocks(model, [s.batch_stats for s in states])
   batch = _batch()
