@@ -110,8 +110,9 @@ MULTI_PROCESS_CONFIGS = ('blocks', 'data_bwbpf', 'data_bp')
 ALL_CORES_CONFIGS = ('all_cores_bwbpf', 'all_cores_bp')  # 'all_cores_<mode>'.
 WARMUP_STEPS = 2  # The first call compiles (or runs a compiled step first); one more warms up.
 
-flags.DEFINE_string('arch', 'resnet18', 'Architecture.')
-flags.DEFINE_float('width', 0.25, 'Channel multiplier.')
+flags.DEFINE_string('arch', 'resnet18', 'Network: a built-in name or package.module:function '
+                    'returning a bwbpf_jax.Network (a user\'s own).')
+flags.DEFINE_float('width', 0.25, 'Channel multiplier (built-in networks).')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
 flags.DEFINE_integer('batch_size', 128, 'Global batch size B.')
 flags.DEFINE_integer('num_blocks', 2, 'K.')
@@ -162,6 +163,14 @@ def _pin_and_configure(cores: list, num_devices: int = 1, *, eigen_threads: bool
   return sorted(os.sched_getaffinity(0))
 
 
+def _network():
+  """The --arch network: a built-in one at --width, or a user's (which sets its own width)."""
+  import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
+  if FLAGS.arch in bw.ARCHITECTURES:
+    return bw.models.network(FLAGS.arch, width=FLAGS.width)
+  return bw.models.resolve(FLAGS.arch)
+
+
 def _experiment(split_points, mode: str = 'bwbpf'):
   """(model, tx, initial block states, global batch): the same in every process."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -172,7 +181,7 @@ def _experiment(split_points, mode: str = 'bwbpf'):
   batch = {'image': rng.normal(size=(FLAGS.batch_size,) + image).astype(np.float32),
            'label': rng.integers(0, 10, FLAGS.batch_size).astype(np.int32)}
   tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
-  model = bw.build_model(FLAGS.arch, num_classes=10, width=FLAGS.width, mode=mode,
+  model = bw.build_model(_network(), num_classes=10, mode=mode,
                          **({} if split_points is None
                             else {'split_points': tuple(split_points)}))
   states = bw.init_block_states(model, tx, jax.random.key(0), image)
@@ -268,14 +277,14 @@ def _split_worker() -> dict:
   """Balances the split points by timing units alone on the micro-batch, and two-block cuts."""
   import bwbpf_jax as bw  # pylint: disable=g-import-not-at-top
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
-  num_units = len(bw.models.architecture_units(FLAGS.arch, width=FLAGS.width)[1])
+  num_units = _network().num_units
   per_unit, tx, unit_states, batch = _experiment(tuple(range(1, num_units)))
   microbatch = parallel.split_microbatches(batch, FLAGS.microbatches)[0]
   unit_costs = parallel.per_block_step_times(per_unit, tx, unit_states, microbatch,
                                              repeats=FLAGS.unit_repeats)
   result = {'unit_seconds': [round(t, 5) for t in unit_costs]}
   if FLAGS.project:
-    build = lambda **kw: bw.build_model(FLAGS.arch, num_classes=10, width=FLAGS.width, **kw)
+    build = lambda **kw: bw.build_model(_network(), num_classes=10, **kw)
     result['projections'] = [_projection(build, unit_costs, int(k)) for k in FLAGS.project]
     return result
   split_points = parallel.balanced_split_points(unit_costs, FLAGS.num_blocks)

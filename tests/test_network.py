@@ -6,8 +6,10 @@ a 4-unit CNN (nn.Conv, nn.BatchNorm, a residual and a strided unit) and a
 plus an MLP whose features are vectors [B, D].
 """
 
-import functools
+import json
 import os
+import subprocess
+import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -23,7 +25,9 @@ from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import layers
 from bwbpf_jax.models import onednn_conv
+import fake_devices
 from fake_devices import NUM_DEVICES, run_on_fake_devices
+import test_main
 import test_step
 import user_networks
 
@@ -38,33 +42,22 @@ def _setup(name, num_blocks, mode='bwbpf', aux_head='linear', seed=0):
   return model, tx, bw.init_block_states(model, tx, jax.random.key(seed), IMAGE)
 
 
+def _check_isolation(test, name, aux_head, num_blocks=4):
+  # auglocal at K=2: its copies are the block's 2 later units, none skipped, which a
+  # network that says nothing of its resolution allows (see the auglocal refusal below).
+  num_blocks = 2 if aux_head == 'auglocal' else num_blocks
+  test_step.check_bwbpf_isolation(test, _setup(name, num_blocks, aux_head=aux_head))
+
+
 class FrontDoorTest(parameterized.TestCase):
+  """One case of each kind in the fast tier; the rest in `EveryHeadAndEngineTest` (slow)."""
 
-  @parameterized.product(name=tuple(NETWORKS), aux_head=('linear', 'mlp', 'auglocal'))
-  def test_bwbpf_every_head_is_isolated(self, name, aux_head):
-    # auglocal at K=2: its copies are the block's 2 later units, none skipped, which a
-    # network that says nothing of its resolution allows (see the auglocal refusal below).
-    num_blocks = 2 if aux_head == 'auglocal' else 4
-    test_step.check_bwbpf_isolation(self, _setup(name, num_blocks, aux_head=aux_head))
+  @parameterized.parameters(('small_cnn', 'linear'), ('tiny_token_net', 'mlp'))
+  def test_bwbpf_heads_are_isolated(self, name, aux_head):
+    _check_isolation(self, name, aux_head, num_blocks=2)
 
-  @parameterized.parameters(*NETWORKS)
-  def test_deep_supervision_reaches_earlier_blocks(self, name):
-    test_step.check_deep_supervision(self, _setup(name, 2, mode='deep_supervision'))
-
-  @parameterized.parameters(*NETWORKS)
-  def test_bp_equals_jax_grad_of_the_plain_network(self, name):
-    test_step.check_plain_backprop(self, NETWORKS[name](), 2, width=1.0)
-
-  @parameterized.parameters(*NETWORKS)
-  def test_blockwise_step_equals_fused_step(self, name):
-    model, tx, states = _setup(name, 4)
-    copy = jax.tree_util.tree_map(jnp.copy, states)
-    fused, blockwise = bw.make_train_step(model, tx), bw.make_blockwise_train_step(model, tx)
-    for seed in range(2):
-      states, fused_metrics = fused(states, test_step._batch(seed=seed))
-      copy, blockwise_metrics = blockwise(copy, test_step._batch(seed=seed))
-    chex.assert_trees_all_close(states, copy, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=1e-5)
+  def test_bp_equals_jax_grad_of_the_plain_network(self):
+    test_step.check_plain_backprop(self, NETWORKS['small_cnn'](), 2, width=1.0)
 
   def test_default_cut_without_stages_is_even_and_stages_are_respected(self):
     model = bw.build_model(user_networks.small_cnn(), num_classes=10, num_blocks=2)
@@ -72,20 +65,6 @@ class FrontDoorTest(parameterized.TestCase):
     self.assertEqual(model.arch, 'small_cnn')
     staged = bw.Network(units=user_networks.small_cnn().units, stage_of_unit=(0, 0, 0, 1))
     self.assertEqual(bw.build_model(staged, num_classes=10, num_blocks=2).split_points, (3,))
-
-  def test_checkpoint_restores_bitwise_and_training_goes_on_as_uninterrupted(self):
-    model, tx, states = _setup('small_cnn', 2)
-    step = bw.make_train_step(model, tx, donate=False)
-    batches = [test_step._batch(seed=seed) for seed in range(3)]
-    states, _ = step(states, batches[0])
-    manager = bw.checkpoint.make_manager(self.create_tempdir().full_path)
-    bw.checkpoint.save(manager, 1, states)
-    restored, _ = bw.checkpoint.restore(manager, 1, bw.abstract_block_states(model, tx, IMAGE))
-    chex.assert_trees_all_equal(restored, jax.device_get(states))
-    for batch in batches[1:]:
-      states, _ = step(states, batch)
-      restored, _ = step(restored, batch)
-    self.assertEqual(bw.checkpoint.params_digest(restored), bw.checkpoint.params_digest(states))
 
   def test_heads_read_vectors_tokens_and_maps(self):
     pooled = {(2, 5): (2, 5), (2, 3, 5): (2, 5), (2, 3, 4, 5): (2, 5)}
@@ -95,12 +74,12 @@ class FrontDoorTest(parameterized.TestCase):
                                                   .reshape(shape)).sum(),
                                  jnp.arange(np.prod(shape)).reshape(shape).mean(
                                      axis=tuple(range(1, len(shape) - 1))).sum(), rtol=1e-6)
-    for aux_head in ('linear', 'mlp', 'auglocal'):  # An MLP's features are [B, D].
-      model = bw.build_model(user_networks.mlp(), num_classes=10, num_blocks=3, aux_head=aux_head)
+    for aux_head in ('mlp',):  # An MLP's features are [B, D] (all heads: the slow tier).
+      model = bw.build_model(user_networks.mlp(), num_classes=10, num_blocks=2, aux_head=aux_head)
       tx = bw.make_optimizer('sgd', learning_rate=0.05, total_steps=100)
       states = bw.init_block_states(model, tx, jax.random.key(0), IMAGE)
       _, metrics = bw.make_train_step(model, tx)(states, test_step._batch())
-      self.assertEqual(metrics['loss'].shape, (3,))
+      self.assertEqual(metrics['loss'].shape, (2,))
 
   def test_a_users_head_class(self):
     model = bw.build_model(user_networks.tiny_token_net(), num_classes=10, num_blocks=2,
@@ -149,6 +128,55 @@ class FrontDoorTest(parameterized.TestCase):
     (alone, _), _ = per_example(x)
     self.assertGreater(float(jnp.max(jnp.abs(alone[:, 0] - whole[0]))), 1e-2)
 
+
+@pytest.mark.slow
+class EveryHeadAndEngineTest(parameterized.TestCase):
+  """FrontDoorTest's checks on both networks, every head that reads them, and every step."""
+
+  @parameterized.product(name=tuple(NETWORKS), aux_head=('linear', 'mlp', 'auglocal'))
+  def test_bwbpf_every_head_is_isolated(self, name, aux_head):
+    _check_isolation(self, name, aux_head)
+
+  @parameterized.parameters('linear', 'auglocal')
+  def test_every_head_trains_on_vectors(self, aux_head):
+    model = bw.build_model(user_networks.mlp(), num_classes=10, num_blocks=3, aux_head=aux_head)
+    tx = bw.make_optimizer('sgd', learning_rate=0.05, total_steps=100)
+    states = bw.init_block_states(model, tx, jax.random.key(0), IMAGE)
+    _, metrics = bw.make_train_step(model, tx)(states, test_step._batch())
+    self.assertTrue(np.all(np.isfinite(np.asarray(metrics['loss']))))
+
+  @parameterized.parameters(*NETWORKS)
+  def test_deep_supervision_reaches_earlier_blocks(self, name):
+    test_step.check_deep_supervision(self, _setup(name, 2, mode='deep_supervision'))
+
+  @parameterized.parameters(*NETWORKS)
+  def test_bp_equals_jax_grad_of_the_plain_network(self, name):
+    test_step.check_plain_backprop(self, NETWORKS[name](), 2, width=1.0)
+
+  @parameterized.parameters(*NETWORKS)
+  def test_blockwise_step_equals_fused_step(self, name):
+    model, tx, states = _setup(name, 4)
+    copy = jax.tree_util.tree_map(jnp.copy, states)
+    fused, blockwise = bw.make_train_step(model, tx), bw.make_blockwise_train_step(model, tx)
+    for seed in range(2):
+      states, fused_metrics = fused(states, test_step._batch(seed=seed))
+      copy, blockwise_metrics = blockwise(copy, test_step._batch(seed=seed))
+    chex.assert_trees_all_close(states, copy, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=1e-5)
+
+  def test_checkpoint_restores_bitwise_and_training_goes_on_as_uninterrupted(self):
+    model, tx, states = _setup('small_cnn', 2)
+    step = bw.make_train_step(model, tx, donate=False)
+    batches = [test_step._batch(seed=seed) for seed in range(3)]
+    states, _ = step(states, batches[0])
+    manager = bw.checkpoint.make_manager(self.create_tempdir().full_path)
+    bw.checkpoint.save(manager, 1, states)
+    restored, _ = bw.checkpoint.restore(manager, 1, bw.abstract_block_states(model, tx, IMAGE))
+    chex.assert_trees_all_equal(restored, jax.device_get(states))
+    for batch in batches[1:]:
+      states, _ = step(states, batch)
+      restored, _ = step(restored, batch)
+    self.assertEqual(bw.checkpoint.params_digest(restored), bw.checkpoint.params_digest(states))
 
 class BadNetworkTest(parameterized.TestCase):
   """Each mistake a user can make with a network: one UsageError naming the unit, block or index."""
@@ -218,6 +246,7 @@ class BadNetworkTest(parameterized.TestCase):
 
 class PipelineTest(parameterized.TestCase):
 
+  @pytest.mark.slow
   def test_one_stage_pipeline_equals_synchronous_steps(self):
     model, tx, states = _setup('small_cnn', 2)
     batches = _batches(2)
@@ -240,6 +269,7 @@ class PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'cannot hold'):
       parallel.pipeline._Packing.of({'f64': np.zeros(2, np.float64)})
 
+  @pytest.mark.slow
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     run_on_fake_devices(self, __file__, MultiDeviceTest)
 
@@ -286,7 +316,8 @@ class MultiDeviceTest(parameterized.TestCase):
     mesh = parallel.make_mesh(NUM_DEVICES)
     sharded = parallel.make_data_parallel_train_step(model, tx, mesh)
     single = bw.make_train_step(model, tx, donate=False)
-    sharded_states = parallel.replicate(states, mesh)
+    # The sharded step donates its states: it gets copies of its own.
+    sharded_states = parallel.replicate(jax.tree_util.tree_map(jnp.copy, states), mesh)
     for seed in range(2):
       batch = test_step._batch(seed=seed)
       sharded_states, _ = sharded(sharded_states, parallel.shard_batch(batch, mesh))
@@ -302,6 +333,112 @@ class MultiDeviceTest(parameterized.TestCase):
     for rows in (1, 2):
       trained = _pipeline_train(model, tx, states, batches, num_stages=2, num_rows=rows)
       chex.assert_trees_all_close(trained, expected, rtol=1e-4, atol=1e-5)
+
+
+def _user_env(**extra) -> dict:
+  """The command line's environment with tests/ importable, where user_networks.py lives."""
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  return {'PYTHONPATH': os.pathsep.join([test_main.REPO, tests_dir]), **extra}
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+# 1437 digits: 44 steps of 32 an epoch; no augmentation or warm-up, so a batch of 32 in
+# 2 micro-batches is the same data at the same rates as two batches of 16.
+SMALL = ('--dataset=digits', '--num_blocks=2', '--noaugment', '--warmup_epochs=0')
+
+
+@pytest.mark.slow
+class CommandLineTest(absltest.TestCase):
+  """`--arch=module:function` through the runner: every engine, resume, errors."""
+
+  def run_ok(self, *flags, env=None):
+    proc = test_main.run_main(*SMALL, *flags, env=_user_env(**(env or {})))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    return proc
+
+  def test_users_cnn_trains_resumes_bitwise_and_runs_the_stage_pipeline(self):
+    cnn = ('--arch=user_networks:small_cnn', '--batch_size=32', '--max_steps=4',
+           '--checkpoint_every=0')
+    reference = self.create_tempdir().full_path
+    proc = self.run_ok(*cnn, f'--workdir={reference}')
+    self.assertIn('small_cnn on digits', proc.stdout)
+    resumed = self.create_tempdir().full_path
+    self.run_ok(*cnn, '--stop_at_step=2', f'--workdir={resumed}')
+    proc = self.run_ok(*cnn, f'--workdir={resumed}')
+    self.assertIn('resuming at step 2 of 4', proc.stdout)
+    self.assertEqual(_results(resumed)['params_digest'], _results(reference)['params_digest'])
+
+    pipelined = self.create_tempdir().full_path
+    devices = {'XLA_FLAGS': os.environ.get('XLA_FLAGS', '')
+                            + ' --xla_force_host_platform_device_count=2'}
+    proc = self.run_ok('--arch=user_networks:small_cnn', '--batch_size=32', '--max_steps=3',
+                       '--parallel=blocks', '--microbatches=2', '--checkpoint_every=0',
+                       f'--workdir={pipelined}', env=devices)
+    self.assertEqual(_results(pipelined)['mesh'], {'data': 1, 'stage': 2})
+    # The same pipeline as two processes of one device each, on loopback.
+    processes = self.create_tempdir().full_path
+    port = fake_devices.free_port()
+    environ = fake_devices.subprocess_env(PYTHONPATH=_user_env()['PYTHONPATH'])
+    workers = [subprocess.Popen(
+        [sys.executable, '-m', 'experiments.main', *SMALL, '--arch=user_networks:small_cnn',
+         '--batch_size=32', '--max_steps=3', '--parallel=blocks', '--microbatches=2',
+         '--checkpoint_every=0', f'--workdir={processes}',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+        cwd=test_main.REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    for worker in workers:
+      _, stderr = worker.communicate(timeout=fake_devices.SUBPROCESS_TIMEOUT_S)
+      self.assertEqual(worker.returncode, 0, stderr[-3000:])
+    self.assertEqual((_results(processes)['num_processes'], _results(processes)['mesh']),
+                     (2, {'data': 1, 'stage': 2}))
+    np.testing.assert_allclose(_results(processes)['block_train_loss'],
+                               _results(pipelined)['block_train_loss'], rtol=1e-4)
+    synchronous = self.create_tempdir().full_path
+    self.run_ok('--arch=user_networks:small_cnn', '--batch_size=16', '--max_steps=6',
+                '--parallel=none', '--train_step=blockwise', '--checkpoint_every=0',
+                f'--workdir={synchronous}')
+    np.testing.assert_allclose(_results(pipelined)['block_train_loss'],
+                               _results(synchronous)['block_train_loss'], rtol=1e-4)
+
+  def test_python_runner_takes_a_network_object(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    from experiments import train  # pylint: disable=g-import-not-at-top
+    config = config_lib.make_config({'arch': 'user_networks:tiny_token_net', 'num_blocks': 2,
+                                     'max_steps': 2, 'batch_size': 32, 'augment': 'none',
+                                     'warmup_epochs': 0})
+    workdir = self.create_tempdir().full_path
+    lines = []
+    results = train.train_and_evaluate(config, workdir, log=lines.append,
+                                       network=user_networks.tiny_token_net())
+    self.assertEqual(len(results['block_test_accuracy']), 2)
+    self.assertTrue(any(line.startswith('tiny_token_net on digits') for line in lines), lines)
+    self.assertTrue(os.path.exists(os.path.join(workdir, 'checkpoints', '2')))
+
+  def test_token_network_trains_and_bad_networks_are_one_line(self):
+    workdir = self.create_tempdir().full_path
+    self.run_ok('--arch=user_networks:tiny_token_net', '--aux_head=mlp', '--batch_size=32',
+                '--max_steps=2', f'--workdir={workdir}')
+    self.assertEqual(len(_results(workdir)['block_test_accuracy']), 2)
+    mistakes = {'--arch=no_such_module:net': "cannot import 'no_such_module'",
+                '--arch=user_networks:not_a_network': 'returned a list, not a bwbpf_jax.Network',
+                '--arch=user_networks:without_train': r'unit 1 \(NoTrainArgument\) does not '
+                                                      r'accept train',
+                '--arch=user_networks:small_cnn --aux_head=dgl --num_blocks=5':
+                    'cannot cut 4 units into 5 blocks',
+                '--arch=vgg7': 'unknown architecture'}
+    for flags, message in mistakes.items():
+      workdir = os.path.join(self.create_tempdir().full_path, 'run')
+      proc = test_main.run_main(*SMALL, *flags.split(), '--max_steps=1', f'--workdir={workdir}',
+                                env=_user_env())
+      self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+      lines = [line for line in proc.stderr.splitlines() if line.strip()]
+      self.assertLen(lines, 1, proc.stderr)
+      self.assertRegex(lines[0], message)
+      self.assertFalse(os.path.exists(workdir), f'{flags} wrote {workdir}')
 
 
 if __name__ == '__main__':

@@ -13,13 +13,18 @@ def _python_blocks(text):
   return re.findall(r'^```python\n(.*?)^```$', text, flags=re.DOTALL | re.MULTILINE)
 
 
-@pytest.mark.slow  # Trains a small network in the README's own words.
-def test_readme_library_snippet_runs_as_written():
+@pytest.mark.slow  # Trains small networks in the README's own words.
+def test_readme_library_snippets_run_as_written():
   with open(README) as f:
     blocks = _python_blocks(f.read())
-  assert len(blocks) == 1, 'the README has one python snippet; run each one if that changes'
+  assert len(blocks) == 2, 'the README has two python snippets; check each one if that changes'
+  own_network, library = blocks
   namespace = {}
-  exec(compile(blocks[0], 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  exec(compile(own_network, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  assert namespace['model'].arch == 'mixer' and namespace['model'].num_blocks == 2
+  assert np.all(np.isfinite(np.asarray(namespace['metrics']['loss'])))
+  namespace = {}
+  exec(compile(library, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
   losses = np.asarray(namespace['metrics']['loss'])
   assert losses.shape == (namespace['model'].num_blocks,) and np.all(np.isfinite(losses))
   assert np.asarray(namespace['sums']['correct']).shape == losses.shape
