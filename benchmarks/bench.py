@@ -61,7 +61,8 @@ from absl import flags
 from benchmarks import harness
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('arch', 'resnet50', 'Architecture.')
+flags.DEFINE_string('arch', 'resnet50', 'Network: a built-in name or package.module:function '
+                    'returning a bwbpf_jax.Network.')
 flags.DEFINE_float('width', 1.0, 'Channel multiplier.')
 flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('image_size', 32, 'Image side.')
@@ -206,12 +207,14 @@ def measure_jax(mode: str) -> dict:
   layers.onednn_runs_convolutions()  # Starts the backend and loads oneDNN before the baseline.
   baseline_rss = harness.current_rss_bytes()
   shape = (FLAGS.batch_size, FLAGS.image_size, FLAGS.image_size, 3)
-  split_points = bw.cost.split_points_by(FLAGS.split_by, FLAGS.arch, FLAGS.num_blocks, shape[1:],
-                                         batch_size=FLAGS.batch_size, width=FLAGS.width,
-                                         dtype=jnp.dtype(FLAGS.dtype))
-  model = bw.build_model(FLAGS.arch, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
+  # A built-in network at --width, or a user's (package.module:function), which sets its own.
+  network = (bw.models.network(FLAGS.arch, width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype))
+             if FLAGS.arch in bw.ARCHITECTURES else bw.models.resolve(FLAGS.arch))
+  split_points = bw.cost.split_points_by(FLAGS.split_by, network, FLAGS.num_blocks, shape[1:],
+                                         batch_size=FLAGS.batch_size)
+  model = bw.build_model(network, num_classes=FLAGS.num_classes, num_blocks=FLAGS.num_blocks,
                          split_points=split_points, mode=mode.removesuffix(REMAT_SUFFIX),
-                         width=FLAGS.width, dtype=jnp.dtype(FLAGS.dtype), remat=remat,
+                         dtype=jnp.dtype(FLAGS.dtype), remat=remat,
                          aux_head=FLAGS.aux_head, local_loss=FLAGS.local_loss)
   tx = bw.make_optimizer('sgd', learning_rate=0.01, total_steps=1000)
   states = bw.init_block_states(model, tx, jax.random.key(0), shape)

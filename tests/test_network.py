@@ -81,6 +81,19 @@ class FrontDoorTest(parameterized.TestCase):
       _, metrics = bw.make_train_step(model, tx)(states, test_step._batch())
       self.assertEqual(metrics['loss'].shape, (2,))
 
+  def test_costs_and_both_cuts_read_the_network(self):
+    network = user_networks.small_cnn()
+    activations = bw.cost.unit_activation_bytes(network, IMAGE, batch_size=8)
+    self.assertLen(activations, 4)
+    self.assertGreater(activations[0], activations[3])  # 16x16 maps against 8x8 after the stride.
+    points = bw.cost.activation_balanced_split_points(network, 2, IMAGE, batch_size=8)
+    self.assertLen(points, 1)
+    model = bw.build_model(network, num_classes=10, split_points=points)
+    flops = bw.cost.flop_counts(model, IMAGE)
+    self.assertTrue(all(f > 0 for f in flops['backbone'] + flops['head']))
+    with self.assertRaisesRegex(UsageError, r'^unit 1 \(NoTrainArgument\) does not accept'):
+      bw.cost.unit_activation_bytes(user_networks.without_train(), IMAGE, batch_size=8)
+
   def test_a_users_head_class(self):
     model = bw.build_model(user_networks.tiny_token_net(), num_classes=10, num_blocks=2,
                            aux_head=bw.LinearHead)
