@@ -360,6 +360,81 @@ class ExitCodeTest(parameterized.TestCase):
     self.assertTrue(os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
+# Run in a process of its own: experiments.main defines its flags on absl's global FLAGS,
+# which other test modules' flags would collide with. For every Config field: the flag
+# exists, parses a good value into the field's type, and refuses a bad one (a wrong type,
+# a value outside the choices) with exit code 2 and one line naming the flag.
+_GENERATED_FLAGS_CHECK = r"""
+import contextlib, dataclasses, io, json, sys, typing
+from experiments import config as config_lib
+from experiments import main
+good = {'split_points': '2,4', 'loss_weights': '1,1,0,1', 'stem': 'cifar', 'lr': '0.01',
+        'max_steps': '5', 'stop_at_step': '3', 'pipeline_stages': '2', 'image_size': '16',
+        'data_dir': '/tmp/data'}
+report = {}
+for field in dataclasses.fields(config_lib.Config):
+  name, flag = field.name, main.FLAGS[field.name]
+  value = good.get(name, str(field.default).lower())
+  main.FLAGS.unparse_flags()
+  main._parse_flags(['main', f'--{name}={value}'])
+  parsed = main.FLAGS[name].value
+  choices = field.metadata['choices']
+  kind = typing.get_type_hints(config_lib.Config)[name]
+  bad = ('not_a_choice' if choices else {int: '1.5', float: 'abc', bool: 'maybe'}.get(
+      typing.get_args(kind)[0] if typing.get_args(kind) and typing.get_origin(kind) is not tuple
+      else kind, 'x,y'))
+  stderr = io.StringIO()
+  main.FLAGS.unparse_flags()
+  code = None
+  if kind not in (str, typing.Optional[str]) or choices:
+    with contextlib.redirect_stderr(stderr):
+      try:
+        main._parse_flags(['main', f'--{name}={bad}'])
+      except SystemExit as e:
+        code = e.code
+  report[name] = dict(parsed=repr(parsed), group=field.metadata['group'], bad_exit=code,
+                      bad_stderr=stderr.getvalue(), help=flag.help)
+print(json.dumps(report))
+"""
+
+
+class GeneratedFlagsTest(absltest.TestCase):
+
+  def test_every_config_field_is_a_flag_that_refuses_bad_values(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    proc = subprocess.run([sys.executable, '-c', _GENERATED_FLAGS_CHECK], cwd=REPO,
+                          env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True,
+                          text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    report = json.loads(proc.stdout.splitlines()[-1])
+    self.assertEqual(list(report), list(config_lib.FIELD_NAMES))
+    self.assertEqual(report['split_points']['parsed'], '(2, 4)')
+    self.assertEqual(report['loss_weights']['parsed'], '(1.0, 1.0, 0.0, 1.0)')
+    self.assertEqual(report['lr']['parsed'], '0.01')
+    self.assertEqual(report['nesterov']['parsed'], 'False')
+    self.assertEqual(report['augment']['parsed'], "'crop_flip'")
+    self.assertIn('(default: 200; 12 for digits)', ' '.join(report['epochs']['help'].split()))
+    free_text = ('arch', 'data_dir')  # Strings: --arch is checked with the config.
+    for name, checked in report.items():
+      if name in free_text:
+        continue
+      self.assertEqual(checked['bad_exit'], 2, name)
+      lines = checked['bad_stderr'].splitlines()
+      self.assertLen(lines, 1, name)
+      self.assertRegex(lines[0], rf'^error: flag --{name}=', name)
+
+  def test_help_groups_the_flags(self):
+    proc = run_main('--help')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    headings = [line for line in proc.stdout.splitlines() if re.fullmatch(r'[a-z]+:', line)]
+    self.assertEqual(headings, ['presets:', 'data:', 'model:', 'training:', 'parallel:',
+                                'output:'])
+    model = proc.stdout.split('\nmodel:\n')[1].split('\ntraining:\n')[0]
+    self.assertIn('--num_blocks: K, blocks the network is cut into', model)
+    self.assertIn('--arch: Architecture: vgg11', model)
+    self.assertIn('package.module:function', model)
+
+
 class PresetsTest(absltest.TestCase):
 
   def test_list_presets_and_helpfull_name_them(self):
