@@ -140,9 +140,11 @@ class EndToEndTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     proc = run_main('--dataset=digits', '--arch=resnet20', '--width=0.25', '--num_blocks=3',
                     '--aux_head=infopro', '--local_loss=xent_recon', '--loss_weights=2,1,0,1',
-                    '--max_steps=2', '--batch_size=32', f'--workdir={workdir}')
+                    '--max_steps=2', '--batch_size=32', '--optimizer=adamw',
+                    f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('auxiliary heads infopro with loss xent_recon:', proc.stdout)
+    self.assertIn("adamw learning rate 0.001 (adamw's default), ", proc.stdout)
     results = json.load(open(os.path.join(workdir, 'results.json')))
     self.assertLen(results['aux_flop_fraction_per_head'], 2)
     self.assertAlmostEqual(results['aux_flop_fraction'],
@@ -182,6 +184,22 @@ FLAG_ERRORS = (
      'drop --split_by=activations'),
     ('bad_auglocal_depth', ['--aux_head=auglocal', '--auglocal_depth=0'],
      'auglocal_depth must be at least 1'),
+    ('bad_integer', ['--num_blocks=two'], 'flag --num_blocks=two'),
+    ('bad_custom_arch', ['--arch=mypkg.nets:'], 'or give package.module:function'),
+    # Flags the run would ignore.
+    ('momentum_for_adamw', ['--optimizer=adamw', '--momentum=0.5'],
+     '--momentum is a setting of --optimizer=sgd; --optimizer=adamw does not use it'),
+    ('nesterov_without_momentum', ['--nesterov', '--momentum=0'], '--nesterov needs momentum'),
+    ('epochs_with_max_steps', ['--epochs=3'],
+     '--max_steps=1 trains that many steps instead of --epochs=3; give one of the two'),
+    ('data_parallel_on_one_device', ['--parallel=data'],
+     '--parallel=data shards each batch over several devices, but JAX sees one'),
+    ('train_step_with_pipeline', ['--parallel=blocks', '--train_step=fused'],
+     'the stage pipeline of --parallel=blocks has its own'),
+    ('data_dir_for_digits', ['--data_dir=/tmp'], '--data_dir is not used by --dataset=digits'),
+    ('stem_for_vgg', ['--arch=vgg13', '--stem=cifar'], '--arch=vgg13 has none'),
+    ('head_without_auxiliary_blocks', ['--num_blocks=1', '--aux_head=mlp'],
+     '--num_blocks=1 has none'),
 )
 # One of each kind in the fast tier: a flag absl refuses, flags that contradict each
 # other, a model that cannot be built, a stray argument, a preset near miss.
@@ -462,6 +480,47 @@ class ConfigTest(absltest.TestCase):
     for stored, expected in ((True, 'crop_flip'), (False, 'none')):
       old = json.dumps({**config_lib.make_config({}).to_dict(), 'augment': stored})
       self.assertEqual(config_lib.config_from_json(old).augment, expected)
+
+  def test_flags_the_run_would_ignore_are_refused(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    for overrides, message in (
+        ({'optimizer': 'adamw', 'momentum': 0.5}, '--momentum is a setting of --optimizer=sgd'),
+        ({'optimizer': 'adamw', 'nesterov': False}, '--nesterov is a setting of'),
+        ({'nesterov': True, 'momentum': 0.0}, '--nesterov needs momentum'),
+        ({'epochs': 3, 'max_steps': 5}, '--max_steps=5 trains that many steps instead of '
+                                        '--epochs=3; give one of the two'),
+        ({'parallel': 'blocks', 'train_step': 'blockwise'}, 'has its own'),
+        ({'data_dir': '/data'}, '--data_dir is not used by --dataset=digits'),
+        ({'arch': 'vgg16', 'stem': 'imagenet'}, '--arch=vgg16 has none'),
+        ({'num_blocks': 1, 'local_loss': 'supcon'}, '--local_loss sets the auxiliary blocks'),
+        ({'split_points': (), 'aux_head': 'dgl'}, '--aux_head sets the auxiliary blocks')):
+      with self.assertRaisesRegex(config_lib.UsageError, re.escape(message)):
+        config_lib.make_config(overrides)
+    # What they contradict is fine alone, and given by a preset they are not flags.
+    config_lib.make_config({'optimizer': 'adamw'})
+    config_lib.make_config({'max_steps': 5})
+    config_lib.make_config({'arch': 'resnet18', 'stem': 'imagenet'})
+    config_lib.make_config({'dataset': 'cifar10', 'data_dir': '/data'})
+    self.assertEqual(config_lib.make_config({'optimizer': 'adamw'},
+                                            'infopro_cifar10_resnet32_k4').nesterov, False)
+
+  def test_each_optimizer_has_its_own_default_learning_rate(self):
+    from bwbpf_jax import optimizers  # pylint: disable=g-import-not-at-top
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    self.assertEqual(optimizers.DEFAULT_LEARNING_RATES, {'sgd': 0.1, 'adamw': 1e-3})
+    self.assertEqual(config_lib.Config().lr, None)
+    lr = lambda overrides, preset=None: config_lib.make_config(overrides, preset).lr
+    self.assertEqual(lr({'dataset': 'cifar10'}), 0.1)
+    self.assertEqual(lr({'dataset': 'cifar10', 'optimizer': 'adamw'}), 1e-3)
+    self.assertEqual(lr({}), 0.05)  # digits' SGD rate ...
+    self.assertEqual(lr({'optimizer': 'adamw'}), 1e-3)  # ... is not AdamW's.
+    self.assertEqual(lr({'optimizer': 'adamw', 'lr': 3e-4}), 3e-4)
+    self.assertEqual(lr({}, 'infopro_cifar10_resnet32_k4'), 0.8)  # Presets set theirs.
+    self.assertEqual(lr({'optimizer': 'adamw'}, 'infopro_cifar10_resnet32_k4'), 1e-3)
+    self.assertEqual(lr({'lr': None}), 0.05)  # None: unset, as in Config.
+    # A config stored before per-optimizer rates still resumes: the same rate is chosen.
+    stored = json.loads(config_lib.make_config({'dataset': 'cifar10'}).to_json())
+    self.assertEqual(config_lib.config_from_json(json.dumps(stored)).lr, 0.1)
 
   def test_split_points_decide_the_number_of_blocks(self):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
