@@ -75,6 +75,7 @@ from absl import logging
 
 import bwbpf_jax
 from experiments import config as config_lib
+from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 # The groups of --help, in order: config_lib.GROUPS (one flag per Config field), then
@@ -277,7 +278,8 @@ def main(argv):
                                    f'got {FLAGS.process_id}')
     parallel.initialize_distributed(*multi_process)
     config = config_lib.make_config(_given_flags(), FLAGS.preset)
-    workdir = FLAGS.workdir or default_workdir(config, FLAGS.preset)
+    workdir = (workdir_lib.expand_workdir(FLAGS.workdir, config) if FLAGS.workdir
+               else workdir_lib.default_workdir(config, FLAGS.preset))
     train.train_and_evaluate(config, workdir, checkpoint_every=FLAGS.checkpoint_every,
                              resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
                              progress_seconds=FLAGS.progress_seconds)
@@ -290,20 +292,6 @@ def main(argv):
   except train.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)  # The shell's code for a process a signal ended (141: SIGPIPE).
-
-
-def default_workdir(config, preset=None) -> str:
-  """runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>: what ran, and on which folder.
-
-  Two image folders, or a preset and a plain run, then get workdirs of their own
-  instead of one refusing the other's config.
-  """
-  dataset = config.dataset
-  if config.data_dir and config.dataset in ('imagefolder', 'tiny_imagenet'):
-    folder = os.path.basename(os.path.normpath(os.path.expanduser(config.data_dir)))
-    dataset += f'-{folder}'
-  preset_part = f'{preset}_' if preset else ''
-  return os.path.join('runs', f'{dataset}_{preset_part}{config.arch}_{config.mode}')
 
 
 if __name__ == '__main__':

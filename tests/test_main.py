@@ -334,6 +334,25 @@ class WorkdirTest(absltest.TestCase):
     self.assertGreater(records[0]['learning_rate'], 0.01 * 0.05)
 
   @pytest.mark.slow
+  def test_template_workdir_of_a_seed_sweep(self):
+    runs = self.create_tempdir().full_path
+    template = os.path.join(runs, '{dataset}_{arch}_k{num_blocks}_s{seed}')
+    for seed in (0, 1):
+      proc = run_main('--width=0.125', '--num_blocks=2', '--batch_size=32', '--max_steps=1',
+                      f'--seed={seed}', f'--workdir={template}')
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(sorted(os.listdir(runs)), ['digits_vgg11_k2_s0', 'digits_vgg11_k2_s1'])
+    for seed in (0, 1):
+      results = json.load(open(os.path.join(runs, f'digits_vgg11_k2_s{seed}', 'results.json')))
+      self.assertEqual(results['config']['seed'], seed)
+    proc = run_main('--max_steps=1', f'--workdir={runs}/{{sed}}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertEqual(_stderr_only_line(proc),
+                     f'error: --workdir={runs}/{{sed}} names {{sed}}, which is not a config '
+                     f'field; did you mean {{seed}}? any flag of the data, model, training or '
+                     f'parallel groups of --help can be named')
+
+  @pytest.mark.slow
   def test_cifar10_without_network_fails_fast_with_one_line(self):
     workdir = os.path.join(self.create_tempdir().full_path, 'run')
     # A proxy that refuses every connection: no network, on any machine.
