@@ -7,6 +7,7 @@ Precedence, strongest first: a flag given on the command line, the named
 import dataclasses
 import difflib
 import json
+import re
 from typing import Optional
 
 import bwbpf_jax
@@ -415,6 +416,27 @@ def _validate(config: Config):
   if config.train_step == 'blockwise' and config.mode != 'bwbpf':
     raise UsageError('--train_step=blockwise needs --mode=bwbpf: in other modes gradients '
                      'cross block boundaries')
+
+
+# The library's argument names that differ from the Config field (and flag) they come
+# from, as experiments/engine.py passes them; every other Config field keeps its name.
+LIBRARY_ARGUMENTS = {'num_stages': 'pipeline_stages', 'num_microbatches': 'microbatches',
+                     'global_batch_size': 'batch_size', 'batch_norm': 'pipeline_batch_norm'}
+_ARGUMENT = re.compile(r'(?<![^\s(\[,;`\'"])([a-z_]+)=')
+
+
+def as_flags(message: str) -> str:
+  """A library message for the command line: `name=` -> `--flag=` where name is a setting.
+
+  The library names its Python arguments (`num_stages=2`); at the command line the
+  user gave flags (`--pipeline_stages=2`). Only an argument written as a word of
+  its own followed by '=' (after a space, a bracket or a quote, or first) is
+  rewritten, so paths, '--flags' and other text stay as they are.
+  """
+  def flag(match):
+    name = LIBRARY_ARGUMENTS.get(match.group(1), match.group(1))
+    return f'--{name}=' if name in FIELD_NAMES else match.group(0)
+  return _ARGUMENT.sub(flag, message)
 
 
 def describe_presets() -> list:

@@ -156,7 +156,7 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
   # Raises UsageError for modes whose gradients cross blocks and for stage counts
   # the blocks or the devices cannot take.
   plan = parallel.make_stage_plan(model, tx, image_shape, config.pipeline_stages)
-  mesh = parallel.make_pipeline_mesh(plan.num_stages)
+  mesh = parallel.make_pipeline_mesh(plan.num_stages, max_stages=model.num_blocks)
   pipeline = parallel.StagePipeline(model, tx, plan, mesh,
                                     num_microbatches=config.microbatches,
                                     global_batch_size=config.batch_size,

@@ -284,7 +284,7 @@ def main(argv):
                              resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
                              progress_seconds=FLAGS.progress_seconds)
   except bwbpf_jax.UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {config_lib.as_flags(str(e))}', file=sys.stderr)
     sys.exit(EXIT_USAGE)
   except train.NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)

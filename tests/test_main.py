@@ -283,7 +283,7 @@ class WorkdirTest(absltest.TestCase):
     # A failed start (the data is missing) leaves nothing behind, not even the workdir.
     proc = run_main('--dataset=imagefolder', f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertIn('needs data_dir', _stderr_only_line(proc))
+    self.assertIn('needs --data_dir=FOLDER', _stderr_only_line(proc))
     self.assertFalse(os.path.exists(os.path.dirname(workdir)))
 
     # The fixed rerun in the same workdir, stdout to a file as in a cluster job.
@@ -540,6 +540,20 @@ class ConfigTest(absltest.TestCase):
     # A config stored before per-optimizer rates still resumes: the same rate is chosen.
     stored = json.loads(config_lib.make_config({'dataset': 'cifar10'}).to_json())
     self.assertEqual(config_lib.config_from_json(json.dumps(stored)).lr, 0.1)
+
+  def test_library_arguments_become_flags_at_the_command_line(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    as_flags = config_lib.as_flags
+    self.assertEqual(as_flags('num_stages=4 needs 4 devices; use num_stages=2 (or 1)'),
+                     '--pipeline_stages=4 needs 4 devices; use --pipeline_stages=2 (or 1)')
+    self.assertEqual(as_flags('global_batch_size=30 and num_microbatches=4, (batch_norm=x)'),
+                     '--batch_size=30 and --microbatches=4, (--pipeline_batch_norm=x)')
+    self.assertEqual(as_flags('Dataset imagefolder needs data_dir=FOLDER.'),
+                     'Dataset imagefolder needs --data_dir=FOLDER.')
+    for unchanged in ('workdir runs/lr=0.1 is in use', 'run `tfds build --data_dir=DIR`',
+                      'total_steps=0 is not a config field', '--width=-1 already a flag',
+                      'xseed=3'):
+      self.assertEqual(as_flags(unchanged), unchanged)
 
   def test_split_points_decide_the_number_of_blocks(self):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top

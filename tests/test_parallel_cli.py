@@ -190,7 +190,12 @@ class ParallelCommandLineTest(absltest.TestCase):
         (('--batch_size=30',), 4, 'cannot be split evenly over 4 devices'),
         (('--batch_size=30', '--parallel=blocks', '--microbatches=4'), 2,
          'equal micro-batches'),
-        (('--parallel=blocks',), 3, 'a pipeline of 2 stages needs a multiple of 2 devices'),
+        # The library names num_stages; the command line, the flag (and the values that work).
+        (('--parallel=blocks',), 3, '--pipeline_stages=2 needs a multiple of 2 devices (one '
+         'stage each, times the data rows), found 3; use --pipeline_stages=1'),
+        (('--parallel=blocks', '--num_blocks=4'), 2, '--pipeline_stages=4 needs a multiple of '
+         '4 devices (one stage each, times the data rows), found 2; use --pipeline_stages=2 '
+         '(or 1), or run on 4 accelerators or processes'),
         (('--num_processes=2', '--process_id=2'), 1, '--process_id must be in [0, 2)')):
       proc = run_main(*SMALL, *flags, '--max_steps=1',
                       f'--workdir={self.create_tempdir().full_path}', env=_devices_env(count))
