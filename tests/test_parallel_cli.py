@@ -10,6 +10,8 @@ the same computation.
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +204,42 @@ class ParallelCommandLineTest(absltest.TestCase):
       self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
       self.assertLen(_stderr_lines(proc), 1, proc.stderr)
       self.assertIn(expected, proc.stderr)
+
+
+def readme_process_recipe() -> list:
+  """The README's multi-process commands: each `taskset ... python -m experiments.main` line."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    text = f.read().replace('\\\n', ' ')  # Continuation lines joined.
+  return [line.strip().rstrip('&').strip() for line in text.splitlines()
+          if line.strip().startswith('taskset ') and '--num_processes=' in line]
+
+
+class ReadmeRecipeTest(absltest.TestCase):
+
+  def test_readme_multi_process_recipe_runs_as_written(self):
+    commands = readme_process_recipe()
+    self.assertLen(commands, 2)
+    if len(os.sched_getaffinity(0)) < 2 or not shutil.which('taskset'):
+      self.skipTest('the recipe pins its processes to cores 0 and 1 with taskset')
+    # As written, but on a free port and in a temporary workdir.
+    port, runs = _free_port(), self.create_tempdir().full_path
+    procs = []
+    for command in commands:
+      self.assertIn('127.0.0.1:12345', command)
+      command = command.replace('127.0.0.1:12345', f'127.0.0.1:{port}').replace(
+          '--workdir=runs/', f'--workdir={runs}/').replace(' python ', f' {sys.executable} ')
+      procs.append(subprocess.Popen(shlex.split(command), cwd=REPO,
+                                    env={**os.environ, 'PYTHONPATH': REPO},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+      self.assertEqual(proc.returncode, 0, stderr[-3000:])
+    (workdir,) = os.listdir(runs)
+    results = _results(os.path.join(runs, workdir))
+    self.assertEqual((results['parallel'], results['mesh'], results['num_processes'],
+                      results['num_blocks'], results['steps']),
+                     ('blocks', {'data': 1, 'stage': 2}, 2, 4, 20))
+    self.assertIn('test accuracy', outputs[0][0])
 
 
 class MultiProcessEngineChecksTest(absltest.TestCase):
