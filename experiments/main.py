@@ -5,7 +5,12 @@ r"""Trains a network block-wise (BWBPF), with deep supervision, or with backprop
     python -m experiments.main --preset=paper_cifar10_resnet101_k8 --data_dir=...
 
 Flags left unset take the preset's value, then the dataset's default (see
-experiments/config.py).
+experiments/config.py, where each flag is a field of Config).
+
+Without --workdir a run writes to
+runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>_k<K>_<head>_s<seed>, so a sweep
+of seeds, K or heads needs no names; --workdir may name config fields instead:
+--workdir=runs/{arch}_lr{lr:g}_s{seed}.
 
 Checkpoints and resuming (see experiments/train.py): every block's state and
 the loop position are saved in <workdir>/checkpoints every --checkpoint_every
