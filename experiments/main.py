@@ -104,9 +104,6 @@ class _TupleParser(flags.ListParser):
       kind = 'integers' if self.element_type is int else 'numbers'
       raise ValueError(f'must be {kind} separated by commas') from None
 
-  def flag_type(self):
-    return f'comma-separated list of {self.element_type.__name__}'
-
 
 def _define_config_flags():
   """One flag per Config field: its name, type, help and choices (experiments/config.py).
@@ -121,8 +118,7 @@ def _define_config_flags():
     if 'help' not in meta:
       raise TypeError(f'Config field {name} needs config.setting(...) to become a flag')
     help_text = meta['help'] + _default_help(field)
-    kind = typing.get_args(types[name]) or (types[name],)  # Optional[X] -> (X, NoneType).
-    kind = kind[0] if typing.get_origin(types[name]) is not tuple else types[name]
+    kind = _without_optional(types[name])
     common = dict(module_name=meta['group'])
     if meta['choices'] is not None:
       flags.DEFINE_enum(name, None, meta['choices'], help_text, **common)
@@ -139,6 +135,13 @@ def _define_config_flags():
                    serializer=flags.CsvListSerializer(','), **common)
     else:
       raise TypeError(f'Config field {name}: no flag type for {types[name]}')
+
+
+def _without_optional(annotation):
+  """X for Optional[X], else the annotation itself."""
+  if typing.get_origin(annotation) is typing.Union:
+    (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+  return annotation
 
 
 def _default_help(field) -> str:
