@@ -7,6 +7,11 @@ import optax
 from bwbpf_jax.errors import UsageError
 
 OPTIMIZERS = ('sgd', 'adamw')
+# Each optimizer's peak learning rate when none is given: SGD's is the paper's, AdamW's the
+# usual one for Adam-type updates (SGD's 0.1 makes AdamW diverge).
+DEFAULT_LEARNING_RATES = {'sgd': 0.1, 'adamw': 1e-3}
+# `make_optimizer` arguments only some optimizers use (the others ignore them).
+OPTIMIZER_ARGUMENTS = {'momentum': ('sgd',), 'nesterov': ('sgd',)}
 
 
 def learning_rate_schedule(learning_rate: float, *, total_steps: int,
@@ -24,12 +29,13 @@ def learning_rate_schedule(learning_rate: float, *, total_steps: int,
       warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1))
 
 
-def make_optimizer(name: str = 'sgd', *, learning_rate: float | optax.Schedule = 0.1,
+def make_optimizer(name: str = 'sgd', *, learning_rate: float | optax.Schedule | None = None,
                    total_steps: Optional[int] = None, momentum: float = 0.9,
                    weight_decay: float = 5e-4, warmup_steps: int = 0,
                    nesterov: bool = False) -> optax.GradientTransformation:
   """The paper's recipe by default: SGD, momentum 0.9, weight decay 5e-4, cosine decay.
 
+  `learning_rate=None` is the optimizer's own default (`DEFAULT_LEARNING_RATES`).
   A float `learning_rate` is the peak of `learning_rate_schedule(learning_rate,
   total_steps=..., warmup_steps=...)`. A schedule (a function of the update
   count) is used as it is, so a training loop can build it once, train with it
@@ -42,6 +48,10 @@ def make_optimizer(name: str = 'sgd', *, learning_rate: float | optax.Schedule =
   PyTorch's `SGD(nesterov=True)`, part of InfoPro's recipe (optax's Nesterov
   step is PyTorch's: g + momentum * new velocity).
   """
+  if name not in OPTIMIZERS:
+    raise UsageError(f'unknown optimizer {name!r}; choose one of {", ".join(OPTIMIZERS)}')
+  if learning_rate is None:
+    learning_rate = DEFAULT_LEARNING_RATES[name]
   if callable(learning_rate):
     if total_steps is not None or warmup_steps:
       raise ValueError('a learning-rate schedule fixes its own steps; leave total_steps and '
@@ -55,6 +65,4 @@ def make_optimizer(name: str = 'sgd', *, learning_rate: float | optax.Schedule =
   if name == 'sgd':
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
-  if name == 'adamw':
-    return optax.adamw(schedule, weight_decay=weight_decay)
-  raise UsageError(f'unknown optimizer {name!r}; choose one of {", ".join(OPTIMIZERS)}')
+  return optax.adamw(schedule, weight_decay=weight_decay)  # 'adamw'

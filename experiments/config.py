@@ -7,65 +7,144 @@ Precedence, strongest first: a flag given on the command line, the named
 import dataclasses
 import difflib
 import json
+import re
 from typing import Optional
 
+import bwbpf_jax
+from bwbpf_jax import optimizers
 from bwbpf_jax.cost import SPLIT_BY
-from bwbpf_jax.data.batches import AUGMENTATIONS
+from bwbpf_jax.data import AUGMENTATIONS, DATASET_NAMES
 from bwbpf_jax.errors import UsageError
+from bwbpf_jax.models.resnet import STEMS
+from bwbpf_jax.parallel.pipeline import BATCH_NORM_STATISTICS
+
+# Choices that belong to the runner rather than the library (the library's own are
+# imported above where they are defined).
+TRAIN_STEPS = ('auto', 'fused', 'blockwise')
+PARALLEL = ('auto', 'none', 'data', 'blocks')  # 'auto' and experiments/engine.py's engines.
+DTYPES = ('float32', 'bfloat16')
+# The groups of `--help`, in the order it shows them.
+GROUPS = ('data', 'model', 'training', 'parallel')
+
+
+def setting(default, group: str, help: str, choices: Optional[tuple] = None):  # pylint: disable=redefined-builtin
+  """A Config field with what the command line needs to offer it as a flag.
+
+  The flag of field `name` is `--name`, of the field's type, with this help and
+  these choices, shown in `--help` under `group` (one of GROUPS). experiments/main.py
+  makes the flags from these fields; nothing else lists them.
+  """
+  assert group in GROUPS, group
+  return dataclasses.field(default=default,
+                           metadata={'group': group, 'help': help, 'choices': choices})
+
+
+def _learning_rate_help() -> str:
+  defaults = ', '.join(f'{name} {lr:g}' for name, lr in optimizers.DEFAULT_LEARNING_RATES.items())
+  return (f'Peak learning rate (unset: the optimizer\'s default, {defaults}; a rate a preset '
+          f'or dataset sets is for its optimizer, sgd unless it names another).')
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything that decides what a run computes (and so what a workdir holds)."""
-  dataset: str = 'digits'
-  arch: str = 'vgg19'
-  num_blocks: int = 4
-  split_points: Optional[tuple] = None
+  """Everything that decides what a run computes (and so what a workdir holds).
+
+  Each field is a flag of the command line (see `setting`).
+  """
+  dataset: str = setting('digits', 'data', 'Dataset (digits: offline, bundled with '
+                         'scikit-learn).', DATASET_NAMES)
+  arch: str = setting('vgg19', 'model', f'Architecture: {", ".join(bwbpf_jax.ARCHITECTURES)}, '
+                      f'or package.module:function for a network of your own.')
+  num_blocks: int = setting(4, 'model', 'K, blocks the network is cut into (1 = backprop).')
+  split_points: Optional[tuple[int, ...]] = setting(
+      None, 'model', 'Unit indices where blocks 2..K start, e.g. 2,4 (sets K).')
   # Where the default cut goes: 'stages' (the paper's: stage boundaries, units shared out
   # evenly) or 'activations' (the smallest largest block in activation memory, for the
   # block-wise step's peak memory; bwbpf_jax.cost.activation_balanced_split_points).
-  split_by: str = 'stages'
-  mode: str = 'bwbpf'
-  aux_head: str = 'linear'
-  auglocal_depth: int = 2  # Units copied into the first block's auglocal head (AugLocal's depth).
-  local_loss: str = 'xent'  # Loss of the auxiliary blocks; see bwbpf_jax.partition.LOSSES.
+  split_by: str = setting(
+      'stages', 'model', 'The cut into --num_blocks blocks: stages (the paper: at stage '
+      'boundaries, units shared evenly) or activations (balance the activation memory of the '
+      'blocks: the smallest peak memory of the block-wise step).', SPLIT_BY)
+  mode: str = setting('bwbpf', 'model', 'bwbpf: isolated blocks; deep_supervision: the '
+                      'reference code (gradients cross blocks); bp: end-to-end backprop.',
+                      bwbpf_jax.MODES)
+  aux_head: str = setting('linear', 'model', 'Auxiliary head of blocks 1..K-1: linear (the '
+                          'paper), mlp, dgl (DGL\'s MLP-SR), infopro (InfoPro\'s 1c2f), '
+                          'auglocal (copies of sampled later units).', bwbpf_jax.HEADS)
+  auglocal_depth: int = setting(2, 'model', 'Later units copied into the first block\'s '
+                                'auglocal head (AugLocal\'s depth; falls to about half at the '
+                                'last auxiliary block).')
+  local_loss: str = setting('xent', 'model', 'Loss of blocks 1..K-1: xent, xent_recon (+ '
+                            'InfoPro\'s image reconstruction), supcon (supervised contrastive), '
+                            'supcon_recon (InfoPro\'s contrastive variant).', bwbpf_jax.LOSSES)
   # InfoPro's (reconstruction, task) weights of the first and last auxiliary block
   # for the *_recon losses; None: bwbpf_jax.partition.DEFAULT_LOSS_WEIGHTS.
-  loss_weights: Optional[tuple] = None
-  width: float = 1.0
-  stem: Optional[str] = None  # None: 'imagenet' for images of 64 pixels and more, else 'cifar'.
-  dtype: str = 'float32'
-  image_size: Optional[int] = None
-  epochs: int = 200
+  loss_weights: Optional[tuple[float, ...]] = setting(
+      None, 'model', 'For *_recon losses: reconstruction and task weight of the first and of '
+      'the last auxiliary block, e.g. 1,1,0,1 (linear between).')
+  width: float = setting(1.0, 'model', 'Channel multiplier (0.25 for CPU runs).')
+  stem: Optional[str] = setting(None, 'model', 'ResNet stem (unset: imagenet for images of 64 '
+                                'pixels and more, else cifar).', STEMS)
+  dtype: str = setting('float32', 'model', 'Computation dtype.', DTYPES)
+  image_size: Optional[int] = setting(None, 'data', 'Resize images to this side.')
+  epochs: int = setting(200, 'training', 'Epochs; the cosine schedule spans them.')
   # Train this many steps in all (instead of `epochs`); warm-up and decay are fitted to them.
-  max_steps: Optional[int] = None
+  max_steps: Optional[int] = setting(
+      None, 'training', 'Train this many steps in all instead of --epochs, with warm-up and '
+      'decay fitted to them (a complete short run).')
   # Stop after this many steps of the full schedule; a rerun with a larger value resumes.
-  stop_at_step: Optional[int] = None
-  batch_size: int = 128
-  optimizer: str = 'sgd'
-  lr: float = 0.1
-  momentum: float = 0.9
-  nesterov: bool = False
-  weight_decay: float = 5e-4
-  warmup_epochs: int = 0
-  augment: str = 'crop_flip'  # 'crop_flip', 'crop' (no mirror images) or 'none'.
-  seed: int = 0
-  eval_every: int = 1
-  train_step: str = 'auto'  # 'fused', 'blockwise' (bwbpf only), or 'auto'.
+  stop_at_step: Optional[int] = setting(
+      None, 'training', 'Stop after this many steps of the full schedule; a rerun with a '
+      'larger value (or without it) resumes the run.')
+  batch_size: int = setting(128, 'training', 'Global batch size.')
+  optimizer: str = setting('sgd', 'training', 'Per-block optimizer.', bwbpf_jax.OPTIMIZERS)
+  # None: the optimizer's default (make_config fills it in, so a stored config holds
+  # the rate that trained).
+  lr: Optional[float] = setting(None, 'training', _learning_rate_help())
+  momentum: float = setting(0.9, 'training', 'SGD momentum.')
+  nesterov: bool = setting(False, 'training', 'Nesterov momentum (SGD).')
+  weight_decay: float = setting(5e-4, 'training', 'Weight decay.')
+  warmup_epochs: int = setting(0, 'training', 'Linear warm-up epochs before the cosine decay '
+                               '(with --max_steps: their share of --epochs).')
+  augment: str = setting('crop_flip', 'data', 'Training augmentation: random crop and '
+                         'horizontal flip, crop only (for digits, whose mirror images are '
+                         'other shapes), or none.', AUGMENTATIONS)
+  seed: int = setting(0, 'training', 'Seed of initialisation, shuffling and augmentation.')
+  eval_every: int = setting(1, 'training', 'Evaluate every N epochs (and at the end).')
+  train_step: str = setting('auto', 'training', 'fused: one jitted step; blockwise: one jitted '
+                            'call per block (bwbpf; less memory); auto: blockwise for bwbpf.',
+                            TRAIN_STEPS)
   # Gradient checkpointing of every unit (partition.REMAT_POLICY), in any mode: the
   # same update with less activation memory, for one more forward pass per step.
-  remat: bool = False
-  parallel: str = 'auto'  # 'none', 'data', 'blocks', or 'auto'.
-  microbatches: int = 4  # Pipeline depth for parallel='blocks'.
-  pipeline_stages: Optional[int] = None  # Stages for parallel='blocks' (None: one per block).
+  remat: bool = setting(False, 'model', 'Gradient checkpointing: every unit under '
+                        'jax.checkpoint, keeping only unit inputs for the backward pass (same '
+                        'update, less memory, one more forward pass); any mode.')
+  parallel: str = setting('auto', 'parallel', 'data: the step sharded over all devices (the '
+                          'batch split, gradients averaged); blocks: a stage pipeline over a '
+                          '(data x stage) mesh of every device, pipelined over micro-batches '
+                          '(bwbpf); none: one device; auto: data when several devices are '
+                          'present.', PARALLEL)
+  microbatches: int = setting(4, 'parallel', 'Micro-batches per batch for --parallel=blocks '
+                              '(each is an optimizer step).')
+  pipeline_stages: Optional[int] = setting(
+      None, 'parallel', 'Pipeline stages for --parallel=blocks (unset: one per block); '
+      'contiguous blocks are grouped by cost, and the device count must be a multiple of it '
+      '(data = devices / stages).')
   # BatchNorm statistics in the stage pipeline over several data rows: 'rows' (each row
   # its own micro-batch share; no collective inside a conditional) or 'global' (over all
   # rows, inside the stage's switch branch). The same with one data row.
-  pipeline_batch_norm: str = 'rows'
-  data_dir: Optional[str] = None
+  pipeline_batch_norm: str = setting(
+      'rows', 'parallel', 'BatchNorm statistics of --parallel=blocks over several data rows: '
+      'rows (each data row normalises with its own statistics and no collective runs inside a '
+      'conditional, safe on GPU/TPU) or global (over all rows, as --parallel=data; an '
+      'all-reduce inside each stage\'s branch).', BATCH_NORM_STATISTICS)
+  data_dir: Optional[str] = setting(None, 'data', 'Dataset folder (tfds data_dir or image '
+                                    'folder).')
   # Skip (and count) a block's update when its loss or gradient is not finite, instead of
   # stopping the run. Changes nothing while every loss stays finite.
-  skip_nonfinite: bool = False
+  skip_nonfinite: bool = setting(False, 'training', 'Skip (and count) a block\'s update when '
+                                 'its loss or gradient is not finite, instead of stopping the '
+                                 'run.')
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -193,10 +272,17 @@ PRESETS = {
 # The names of Config's fields, in declaration order: what a flag, a preset or a stored
 # config.json may set.
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Config))
+_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 
 
 def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
-  """Builds the run's Config from explicit overrides (given flags) and a preset name."""
+  """Builds the run's Config from explicit overrides (given flags) and a preset name.
+
+  A learning rate a preset or a dataset's defaults set was chosen for their
+  optimizer (SGD unless they name another); with another `optimizer` the run
+  takes that optimizer's default, and the preset's settings only SGD uses fall
+  back to Config's defaults.
+  """
   if preset is not None and preset not in PRESETS:
     close = difflib.get_close_matches(preset, PRESETS, n=3, cutoff=0.6)
     hint = f'did you mean {" or ".join(close)}? ' if close else ''
@@ -205,10 +291,18 @@ def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
   unknown = set(overrides) - set(FIELD_NAMES)
   if unknown:
     raise UsageError(f'unknown config fields: {", ".join(sorted(unknown))}')
+  overrides = {name: value for name, value in overrides.items()
+               if not (name == 'lr' and value is None)}
   preset_values = PRESETS.get(preset, {})
   _refuse_contradictions(overrides, preset_values)
   dataset = overrides.get('dataset', preset_values.get('dataset', Config.dataset))
-  values = {**DATASET_DEFAULTS.get(dataset, {}), **preset_values, **overrides}
+  dataset_values = DATASET_DEFAULTS.get(dataset, {})
+  values = {**dataset_values, **preset_values, **overrides}
+  optimizer = values.get('optimizer', Config.optimizer)
+  values['lr'] = _learning_rate(overrides, preset_values, dataset_values, optimizer)
+  for name, users in optimizers.OPTIMIZER_ARGUMENTS.items():
+    if optimizer not in users and name not in overrides:
+      values[name] = _FIELDS[name].default
   for name in ('split_points', 'loss_weights'):
     if values.get(name) is not None:
       values[name] = tuple(values[name])
@@ -217,7 +311,20 @@ def make_config(overrides: dict, preset: Optional[str] = None) -> Config:
     values['num_blocks'] = len(values['split_points']) + 1
   config = Config(**values)
   _validate(config)
+  _refuse_ignored(config, overrides)
   return config
+
+
+def _learning_rate(overrides, preset_values, dataset_values, optimizer) -> float:
+  """The given lr, else a preset's or dataset's made for this optimizer, else its default."""
+  if 'lr' in overrides:
+    return overrides['lr']
+  for source in (preset_values, dataset_values):
+    if 'lr' in source and source.get('optimizer', Config.optimizer) == optimizer:
+      return source['lr']
+  if optimizer not in optimizers.DEFAULT_LEARNING_RATES:
+    return None  # _validate names the unknown optimizer.
+  return optimizers.DEFAULT_LEARNING_RATES[optimizer]
 
 
 def _refuse_contradictions(overrides: dict, preset_values: dict):
@@ -238,10 +345,42 @@ def _refuse_contradictions(overrides: dict, preset_values: dict):
   for name in ('pipeline_stages', 'microbatches', 'pipeline_batch_norm'):
     if name in overrides and chosen.get('parallel') != 'blocks':
       raise UsageError(f'--{name} sets up the stage pipeline; it needs --parallel=blocks')
+  if 'train_step' in overrides and chosen.get('parallel') == 'blocks':
+    raise UsageError('--train_step chooses the step of --parallel=none or data; the stage '
+                     'pipeline of --parallel=blocks has its own: drop one of the two')
+  if 'epochs' in overrides and 'max_steps' in overrides:
+    raise UsageError(f'--max_steps={overrides["max_steps"]} trains that many steps instead of '
+                     f'--epochs={overrides["epochs"]}; give one of the two')
   if ('stop_at_step' in overrides and chosen.get('max_steps') is not None
       and overrides['stop_at_step'] >= chosen['max_steps']):
     raise UsageError(f'--stop_at_step={overrides["stop_at_step"]} does not stop a run of '
                      f'--max_steps={chosen["max_steps"]} steps early; drop it or make it smaller')
+  optimizer = chosen.get('optimizer', Config.optimizer)
+  for name, users in optimizers.OPTIMIZER_ARGUMENTS.items():
+    if name in overrides and optimizer not in users and optimizer in bwbpf_jax.OPTIMIZERS:
+      raise UsageError(f'--{name} is a setting of --optimizer={" or ".join(users)}; '
+                       f'--optimizer={optimizer} does not use it')
+  if chosen.get('nesterov') and chosen.get('momentum', Config.momentum) == 0:
+    raise UsageError('--nesterov needs momentum; drop it or give --momentum above 0')
+
+
+def _refuse_ignored(config: Config, overrides: dict):
+  """Refuses flags the run would ignore for the config they end up in."""
+  if 'data_dir' in overrides and config.dataset == 'digits':
+    raise UsageError('--data_dir is not used by --dataset=digits (bundled with scikit-learn); '
+                     'drop it, or name the dataset it holds')
+  if 'stem' in overrides and config.arch in bwbpf_jax.models.vgg.CONVS_PER_STAGE:
+    raise UsageError(f'--stem chooses a ResNet\'s first layers; --arch={config.arch} has none')
+  if config.arch not in bwbpf_jax.ARCHITECTURES:
+    for name in ('width', 'stem'):
+      if name in overrides:
+        raise UsageError(f'--{name} shapes the built-in networks; --arch={config.arch} is built '
+                         f'by its own code (drop --{name})')
+  if config.num_blocks == 1:
+    for name in ('aux_head', 'local_loss', 'loss_weights', 'auglocal_depth'):
+      if name in overrides:
+        raise UsageError(f'--{name} sets the auxiliary blocks 1..K-1, and --num_blocks=1 has '
+                         f'none; drop it or cut the network into more blocks')
 
 
 def _validate(config: Config):
@@ -250,26 +389,22 @@ def _validate(config: Config):
   for name in positive:
     if getattr(config, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
-  if config.pipeline_stages is not None and config.pipeline_stages < 1:
-    raise UsageError(f'--pipeline_stages must be at least 1, got {config.pipeline_stages}')
-  if config.max_steps is not None and config.max_steps < 1:
-    raise UsageError(f'--max_steps must be at least 1, got {config.max_steps}')
-  if config.stop_at_step is not None and config.stop_at_step < 1:
-    raise UsageError(f'--stop_at_step must be at least 1, got {config.stop_at_step}')
+  for name in ('pipeline_stages', 'max_steps', 'stop_at_step', 'image_size'):
+    if getattr(config, name) is not None and getattr(config, name) < 1:
+      raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
   if not config.width > 0:
     raise UsageError(f'--width must be positive, got {config.width}')
+  for field in dataclasses.fields(Config):
+    allowed = field.metadata['choices']
+    if allowed is not None and getattr(config, field.name) not in allowed + (None,):
+      raise UsageError(f'--{field.name} must be one of {", ".join(allowed)}, '
+                       f'got {getattr(config, field.name)!r}')
+  if config.arch not in bwbpf_jax.ARCHITECTURES and not bwbpf_jax.network.is_import_spec(config.arch):
+    raise UsageError(f'unknown --arch={config.arch}; choose one of '
+                     f'{", ".join(bwbpf_jax.ARCHITECTURES)}, or give package.module:function '
+                     f'for a network of your own')
   if not config.lr > 0:
     raise UsageError(f'--lr must be positive, got {config.lr}')
-  choices = {'train_step': ('auto', 'fused', 'blockwise'),
-             'parallel': ('auto', 'none', 'data', 'blocks'),
-             'pipeline_batch_norm': ('rows', 'global'),
-             'dtype': ('float32', 'bfloat16'),
-             'augment': AUGMENTATIONS,
-             'split_by': SPLIT_BY}
-  for name, allowed in choices.items():
-    if getattr(config, name) not in allowed:
-      raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
-                       f'got {getattr(config, name)!r}')
   if config.split_points is not None and config.num_blocks != len(config.split_points) + 1:
     raise UsageError(f'{len(config.split_points)} split points make '
                      f'{len(config.split_points) + 1} blocks, not num_blocks={config.num_blocks}')
@@ -278,6 +413,27 @@ def _validate(config: Config):
   if config.train_step == 'blockwise' and config.mode != 'bwbpf':
     raise UsageError('--train_step=blockwise needs --mode=bwbpf: in other modes gradients '
                      'cross block boundaries')
+
+
+# The library's argument names that differ from the Config field (and flag) they come
+# from, as experiments/engine.py passes them; every other Config field keeps its name.
+LIBRARY_ARGUMENTS = {'num_stages': 'pipeline_stages', 'num_microbatches': 'microbatches',
+                     'global_batch_size': 'batch_size', 'batch_norm': 'pipeline_batch_norm'}
+_ARGUMENT = re.compile(r'(?<![^\s(\[,;`\'"])([a-z_]+)=')
+
+
+def as_flags(message: str) -> str:
+  """A library message for the command line: `name=` -> `--flag=` where name is a setting.
+
+  The library names its Python arguments (`num_stages=2`); at the command line the
+  user gave flags (`--pipeline_stages=2`). Only an argument written as a word of
+  its own followed by '=' (after a space, a bracket or a quote, or first) is
+  rewritten, so paths, '--flags' and other text stay as they are.
+  """
+  def flag(match):
+    name = LIBRARY_ARGUMENTS.get(match.group(1), match.group(1))
+    return f'--{name}=' if name in FIELD_NAMES else match.group(0)
+  return _ARGUMENT.sub(flag, message)
 
 
 def describe_presets() -> list:

@@ -30,9 +30,10 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
+from experiments import config as config_lib
 from experiments.config import Config
 
-PARALLEL_MODES = ('none', 'data', 'blocks')
+PARALLEL_MODES = tuple(mode for mode in config_lib.PARALLEL if mode != 'auto')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,10 @@ def _use_blockwise(config: Config, model) -> bool:
 
 def _data_engine(config: Config, model, tx) -> Engine:
   mesh = parallel.make_mesh()
+  if mesh.size == 1:  # Only asked for: 'auto' picks 'data' on several devices alone.
+    raise bw.UsageError('--parallel=data shards each batch over several devices, but JAX sees '
+                        'one; drop --parallel (auto trains on the one device) or run on '
+                        'several devices or processes')
   if config.batch_size % mesh.size:
     raise bw.UsageError(f'--batch_size={config.batch_size} cannot be split evenly over '
                         f'{mesh.size} devices (--parallel=data); use a multiple of {mesh.size}')
@@ -151,7 +156,7 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
   # Raises UsageError for modes whose gradients cross blocks and for stage counts
   # the blocks or the devices cannot take.
   plan = parallel.make_stage_plan(model, tx, image_shape, config.pipeline_stages)
-  mesh = parallel.make_pipeline_mesh(plan.num_stages)
+  mesh = parallel.make_pipeline_mesh(plan.num_stages, max_stages=model.num_blocks)
   pipeline = parallel.StagePipeline(model, tx, plan, mesh,
                                     num_microbatches=config.microbatches,
                                     global_batch_size=config.batch_size,

@@ -5,7 +5,12 @@ r"""Trains a network block-wise (BWBPF), with deep supervision, or with backprop
     python -m experiments.main --preset=paper_cifar10_resnet101_k8 --data_dir=...
 
 Flags left unset take the preset's value, then the dataset's default (see
-experiments/config.py).
+experiments/config.py, where each flag is a field of Config).
+
+Without --workdir a run writes to
+runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>_k<K>_<head>_s<seed>, so a sweep
+of seeds, K or heads needs no names; --workdir may name config fields instead:
+--workdir=runs/{arch}_lr{lr:g}_s{seed}.
 
 Checkpoints and resuming (see experiments/train.py): every block's state and
 the loop position are saved in <workdir>/checkpoints every --checkpoint_every
@@ -55,8 +60,10 @@ Exit codes, each failure with one line on stderr:
 (1 is left to Python itself: an uncaught exception, a bug to report.)
 """
 
+import dataclasses
 import os
 import sys
+import typing
 
 from experiments import xla_defaults
 
@@ -72,120 +79,119 @@ from absl import flags
 from absl import logging
 
 import bwbpf_jax
-from bwbpf_jax.data import AUGMENTATIONS, DATASET_NAMES
 from experiments import config as config_lib
+from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-_UNSET = None
-flags.DEFINE_string('preset', None, f'Named configuration (--list_presets shows their '
-                    f'settings): {", ".join(config_lib.PRESETS)}.')
-flags.DEFINE_enum('dataset', _UNSET, DATASET_NAMES, 'Dataset (default: digits, offline).')
-flags.DEFINE_string('arch', _UNSET, f'Network: one of {", ".join(bwbpf_jax.ARCHITECTURES)}, '
-                    'or package.module:function, a function of yours that returns a '
-                    'bwbpf_jax.Network (see README, "Your own network").')
-flags.DEFINE_integer('num_blocks', _UNSET, 'K, blocks the network is cut into (1 = backprop).')
-flags.DEFINE_list('split_points', _UNSET, 'Unit indices where blocks 2..K start '
-                  '(overrides --num_blocks).')
-flags.DEFINE_enum('split_by', _UNSET, config_lib.SPLIT_BY, 'The cut into --num_blocks '
-                  'blocks: stages (the paper: at stage boundaries, units shared evenly) or '
-                  'activations (balance the activation memory of the blocks: the smallest '
-                  'peak memory of the block-wise step).')
-flags.DEFINE_enum('mode', _UNSET, bwbpf_jax.MODES, 'bwbpf: isolated blocks; deep_supervision: '
-                  'the reference code (gradients cross blocks); bp: end-to-end backprop.')
-flags.DEFINE_enum('aux_head', _UNSET, bwbpf_jax.HEADS, 'Auxiliary head of blocks 1..K-1: '
-                  'linear (the paper), mlp, dgl (DGL\'s MLP-SR), infopro (InfoPro\'s 1c2f), '
-                  'auglocal (copies of sampled later units).')
-flags.DEFINE_integer('auglocal_depth', _UNSET, 'Later units copied into the first block\'s '
-                     'auglocal head (AugLocal\'s depth, default 2; falls to about half at the '
-                     'last auxiliary block).')
-flags.DEFINE_enum('local_loss', _UNSET, bwbpf_jax.LOSSES, 'Loss of blocks 1..K-1: xent, '
-                  'xent_recon (+ InfoPro\'s image reconstruction), supcon (supervised '
-                  'contrastive), supcon_recon (InfoPro\'s contrastive variant).')
-flags.DEFINE_list('loss_weights', _UNSET, 'For *_recon losses: reconstruction and task weight '
-                  'of the first and of the last auxiliary block, e.g. 1,1,0,1 (linear between).')
-flags.DEFINE_float('width', _UNSET, 'Channel multiplier (0.25 for CPU runs).')
-flags.DEFINE_enum('stem', _UNSET, ('cifar', 'imagenet'), 'ResNet stem (default: by image size).')
-flags.DEFINE_enum('dtype', _UNSET, ('float32', 'bfloat16'), 'Computation dtype.')
-flags.DEFINE_integer('image_size', _UNSET, 'Resize images to this side.')
-flags.DEFINE_integer('epochs', _UNSET, 'Epochs; the cosine schedule spans them.')
-flags.DEFINE_integer('max_steps', _UNSET, 'Train this many steps in all instead of --epochs, '
-                     'with warm-up and decay fitted to them (a complete short run).')
-flags.DEFINE_integer('stop_at_step', _UNSET, 'Stop after this many steps of the full schedule; '
-                     'a rerun with a larger value (or without it) resumes the run.')
-flags.DEFINE_integer('batch_size', _UNSET, 'Global batch size.')
-flags.DEFINE_enum('optimizer', _UNSET, bwbpf_jax.OPTIMIZERS, 'Per-block optimizer.')
-flags.DEFINE_float('lr', _UNSET, 'Peak learning rate.')
-flags.DEFINE_float('momentum', _UNSET, 'SGD momentum.')
-flags.DEFINE_bool('nesterov', _UNSET, 'Nesterov momentum (SGD).')
-flags.DEFINE_float('weight_decay', _UNSET, 'Weight decay.')
-flags.DEFINE_integer('warmup_epochs', _UNSET, 'Linear warm-up epochs before the cosine decay.')
-flags.DEFINE_enum('augment', _UNSET, AUGMENTATIONS, 'Training augmentation: random crop '
-                  'and horizontal flip, crop only, or none (default: crop for digits, whose '
-                  'mirror images are other shapes; crop_flip otherwise).')
-flags.DEFINE_integer('seed', _UNSET, 'Seed of initialisation, shuffling and augmentation.')
-flags.DEFINE_integer('eval_every', _UNSET, 'Evaluate every N epochs (and at the end).')
-flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
-                  'fused: one jitted step; blockwise: one jitted call per block (bwbpf; less '
-                  'memory); auto: blockwise for bwbpf.')
-flags.DEFINE_bool('remat', _UNSET, 'Gradient checkpointing: every unit under jax.checkpoint, '
-                  'keeping only unit inputs for the backward pass (same update, less memory, '
-                  'one more forward pass); any mode.')
-flags.DEFINE_enum('parallel', _UNSET, ('auto', 'none', 'data', 'blocks'),
-                  'data: the step sharded over all devices (the batch split, gradients '
-                  'averaged); blocks: a stage pipeline over a (data x stage) mesh of every '
-                  'device, pipelined over micro-batches (bwbpf); none: one device; auto: data when several devices are present.')
-flags.DEFINE_integer('pipeline_stages', _UNSET, 'Pipeline stages for --parallel=blocks '
-                     '(default: one per block); contiguous blocks are grouped by cost, and '
-                     'the device count must be a multiple of it (data = devices / stages).')
-flags.DEFINE_enum('pipeline_batch_norm', _UNSET, ('rows', 'global'),
-                  'BatchNorm statistics of --parallel=blocks over several data rows: rows '
-                  '(default; each data row normalises with its own statistics and no '
-                  'collective runs inside a conditional, safe on GPU/TPU) or global (over '
-                  'all rows, as --parallel=data; an all-reduce inside each stage\'s branch).')
-flags.DEFINE_integer('microbatches', _UNSET, 'Micro-batches per batch for --parallel=blocks '
-                     '(each is an optimizer step).')
-flags.DEFINE_string('data_dir', _UNSET, 'Dataset folder (tfds data_dir or image folder).')
-flags.DEFINE_bool('skip_nonfinite', _UNSET, 'Skip (and count) a block\'s update when its loss '
-                  'or gradient is not finite, instead of stopping the run.')
-flags.DEFINE_string('workdir', None, 'Output folder (default: runs/<dataset>_<arch>_<mode>); '
-                    'a rerun with the same workdir resumes.')
-flags.DEFINE_integer('checkpoint_every', None, 'Save a checkpoint every N steps (default: at '
-                     'each epoch\'s end; 0: only at the end and on SIGINT/SIGTERM).')
-flags.DEFINE_string('resume_from', 'latest', 'Checkpoint to resume from: latest, previous (the '
-                    'one before the latest), or a step number.')
-flags.DEFINE_bool('overwrite', False, 'Delete the run files (checkpoints, metrics, results) of '
-                  'the run in --workdir and start afresh (not in a command rerun to resume).')
+# The groups of --help, in order: config_lib.GROUPS (one flag per Config field), then
+# the flags that are not run configuration.
+OUTPUT_GROUP = 'output'
+HELP_GROUPS = ('presets',) + config_lib.GROUPS + (OUTPUT_GROUP,)
 
-flags.DEFINE_bool('list_presets', False, 'Print every named preset and its settings, then exit.')
+
+class _TupleParser(flags.ListParser):
+  """A comma-separated list of numbers, e.g. --split_points=2,4, parsed into a tuple."""
+
+  def __init__(self, element_type: type):
+    super().__init__()
+    self.element_type = element_type
+
+  def parse(self, argument):
+    words = super().parse(argument)
+    try:
+      return tuple(self.element_type(word) for word in words)
+    except ValueError:
+      kind = 'integers' if self.element_type is int else 'numbers'
+      raise ValueError(f'must be {kind} separated by commas') from None
+
+
+def _define_config_flags():
+  """One flag per Config field: its name, type, help and choices (experiments/config.py).
+
+  Every default is None, so a flag counts as given only when it is on the command
+  line; what an unset flag means (the preset's value, the dataset's default, the
+  global default) is said in its help.
+  """
+  types = typing.get_type_hints(config_lib.Config)
+  for field in dataclasses.fields(config_lib.Config):
+    meta, name = field.metadata, field.name
+    if 'help' not in meta:
+      raise TypeError(f'Config field {name} needs config.setting(...) to become a flag')
+    help_text = meta['help'] + _default_help(field)
+    kind = _without_optional(types[name])
+    common = dict(module_name=meta['group'])
+    if meta['choices'] is not None:
+      flags.DEFINE_enum(name, None, meta['choices'], help_text, **common)
+    elif kind is bool:
+      flags.DEFINE_bool(name, None, help_text, **common)
+    elif kind is int:
+      flags.DEFINE_integer(name, None, help_text, **common)
+    elif kind is float:
+      flags.DEFINE_float(name, None, help_text, **common)
+    elif kind is str:
+      flags.DEFINE_string(name, None, help_text, **common)
+    elif typing.get_origin(kind) is tuple:
+      flags.DEFINE(_TupleParser(typing.get_args(kind)[0]), name, None, help_text,
+                   serializer=flags.CsvListSerializer(','), **common)
+    else:
+      raise TypeError(f'Config field {name}: no flag type for {types[name]}')
+
+
+def _without_optional(annotation):
+  """X for Optional[X], else the annotation itself."""
+  if typing.get_origin(annotation) is typing.Union:
+    (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+  return annotation
+
+
+def _default_help(field) -> str:
+  """' (default: ...)': Config's default and the datasets' own, where there is one."""
+  values = [] if field.default is None else [_format_value(field.default)]
+  values += [f'{_format_value(defaults[field.name])} for {dataset}'
+             for dataset, defaults in config_lib.DATASET_DEFAULTS.items()
+             if field.name in defaults and defaults[field.name] != field.default]
+  return f' (default: {"; ".join(values)})' if values else ''
+
+
+def _format_value(value) -> str:
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+flags.DEFINE_string('preset', None, f'Named configuration (--list_presets shows their '
+                    f'settings): {", ".join(config_lib.PRESETS)}.', module_name='presets')
+flags.DEFINE_bool('list_presets', False, 'Print every named preset and its settings, then exit.',
+                  module_name='presets')
+_define_config_flags()
+flags.DEFINE_string('workdir', None, 'Output folder; a rerun with the same workdir resumes. '
+                    'May name config fields: --workdir=runs/{arch}_k{num_blocks}_s{seed} '
+                    '(default: runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>_k<K>_<head>'
+                    '_s<seed>).', module_name=OUTPUT_GROUP)
+flags.DEFINE_integer('checkpoint_every', None, 'Save a checkpoint every N steps (default: at '
+                     'each epoch\'s end; 0: only at the end and on SIGINT/SIGTERM).',
+                     module_name=OUTPUT_GROUP)
+flags.DEFINE_string('resume_from', 'latest', 'Checkpoint to resume from: latest, previous (the '
+                    'one before the latest), or a step number.', module_name=OUTPUT_GROUP)
+flags.DEFINE_bool('overwrite', False, 'Delete the run files (checkpoints, metrics, results) of '
+                  'the run in --workdir and start afresh (not in a command rerun to resume).',
+                  module_name=OUTPUT_GROUP)
 flags.DEFINE_float('progress_seconds', 30, 'When stdout is not a terminal (a log file), print a '
-                   'progress line this often (step, epoch, images/s, time left).')
+                   'progress line this often (step, epoch, images/s, time left).',
+                   module_name=OUTPUT_GROUP)
 
 flags.DEFINE_string('coordinator_address', None, 'Multi-process runs: host:port of process '
-                    '0. Without it JAX detects TPU pods and SLURM/MPI/Kubernetes jobs itself.')
-flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of processes.')
-flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index.')
-
-# Flags that are not run configuration.
-_NOT_CONFIG = ('preset', 'workdir', 'checkpoint_every', 'resume_from', 'overwrite',
-               'coordinator_address', 'num_processes', 'process_id')
+                    '0. Without it JAX detects TPU pods and SLURM/MPI/Kubernetes jobs itself.',
+                    module_name='parallel')
+flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of processes.',
+                     module_name='parallel')
+flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index.',
+                     module_name='parallel')
 
 
 def _given_flags() -> dict:
   """The configuration flags set on the command line, as Config fields."""
-  names = [field for field in config_lib.FIELD_NAMES if field in FLAGS]
-  values = {name: FLAGS[name].value for name in names
-            if FLAGS[name].present and name not in _NOT_CONFIG}
-  if 'split_points' in values:
-    try:
-      values['split_points'] = tuple(int(p) for p in values['split_points'])
-    except ValueError as e:
-      raise bwbpf_jax.UsageError(f'--split_points must be integers: {e}') from None
-  if 'loss_weights' in values:
-    try:
-      values['loss_weights'] = tuple(float(w) for w in values['loss_weights'])
-    except ValueError as e:
-      raise bwbpf_jax.UsageError(f'--loss_weights must be numbers: {e}') from None
-  return values
+  return {name: FLAGS[name].value for name in config_lib.FIELD_NAMES if FLAGS[name].present}
 
 
 # --augment was a boolean before it named a choice; the old spellings still work.
@@ -198,9 +204,22 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 
 
+_SHORT_HELP_FLAGS = ('--help', '-?', '--helpshort')
+
+
+def _short_help() -> str:
+  """This module's docstring, then the flags of this command by group (--helpfull: all)."""
+  groups = [FLAGS.module_help(group).strip() for group in HELP_GROUPS]
+  return '\n\n'.join([__doc__.rstrip()] + [group for group in groups if group]
+                      + ['--helpfull adds the flags of JAX, absl and the other libraries.'])
+
+
 def _parse_flags(argv):
   """absl's parser, but a bad flag is one line and exit code 2, and help exits 0."""
   argv = [_OLD_SPELLINGS.get(arg, arg) for arg in argv]
+  if any(arg.split('=')[0] in _SHORT_HELP_FLAGS for arg in argv[1:]):
+    _exit_quietly_if_output_closed(lambda: print(_short_help()))
+    sys.exit(0)
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -267,12 +286,13 @@ def main(argv):
                                    f'got {FLAGS.process_id}')
     parallel.initialize_distributed(*multi_process)
     config = config_lib.make_config(_given_flags(), FLAGS.preset)
-    workdir = FLAGS.workdir or default_workdir(config, FLAGS.preset)
+    workdir = (workdir_lib.expand_workdir(FLAGS.workdir, config) if FLAGS.workdir
+               else workdir_lib.default_workdir(config, FLAGS.preset))
     train.train_and_evaluate(config, workdir, checkpoint_every=FLAGS.checkpoint_every,
                              resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
                              progress_seconds=FLAGS.progress_seconds)
   except bwbpf_jax.UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {config_lib.as_flags(str(e))}', file=sys.stderr)
     sys.exit(EXIT_USAGE)
   except train.NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -280,21 +300,6 @@ def main(argv):
   except train.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)  # The shell's code for a process a signal ended (141: SIGPIPE).
-
-
-def default_workdir(config, preset=None) -> str:
-  """runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>: what ran, and on which folder.
-
-  Two image folders, or a preset and a plain run, then get workdirs of their own
-  instead of one refusing the other's config.
-  """
-  dataset = config.dataset
-  if config.data_dir and config.dataset in ('imagefolder', 'tiny_imagenet'):
-    folder = os.path.basename(os.path.normpath(os.path.expanduser(config.data_dir)))
-    dataset += f'-{folder}'
-  preset_part = f'{preset}_' if preset else ''
-  arch = config.arch.rpartition(':')[2]  # A user's network: its function's name.
-  return os.path.join('runs', f'{dataset}_{preset_part}{arch}_{config.mode}')
 
 
 if __name__ == '__main__':

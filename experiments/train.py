@@ -229,8 +229,10 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   # Block-parallel pipelines make one optimizer step per micro-batch.
   updates_per_batch = optimizer_steps_per_batch(config)
   # Built once: the optimizer trains with it and the records log the rate from it.
+  default_lr = bw.optimizers.DEFAULT_LEARNING_RATES[config.optimizer]
+  peak_lr = default_lr if config.lr is None else config.lr  # None: the optimizer's default.
   learning_rate = bw.optimizers.learning_rate_schedule(
-      config.lr, total_steps=schedule_steps * updates_per_batch,
+      peak_lr, total_steps=schedule_steps * updates_per_batch,
       warmup_steps=warmup_steps * updates_per_batch)
   tx = bw.make_optimizer(config.optimizer, learning_rate=learning_rate,
                          momentum=config.momentum, weight_decay=config.weight_decay,
@@ -261,7 +263,8 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
         f'({bw.state.count_params([s.params for s in abstract_states]):,} with the auxiliary heads), '
         f'{steps_per_epoch} steps/epoch, {_placement(engine)}')
     log(_describe_data(dataset, config))
-    log(f'learning rate {config.lr:g}, {warmup_steps} warm-up steps, cosine decay to 0 at '
+    lr_source = f' ({config.optimizer}\'s default)' if peak_lr == default_lr else ''
+    log(f'{config.optimizer} learning rate {peak_lr:g}{lr_source}, {warmup_steps} warm-up steps, cosine decay to 0 at '
         f'step {schedule_steps}; augmentation {config.augment}')
     log(f'auxiliary heads {config.aux_head} with loss {config.local_loss}: '
         f'{100 * aux_flops["total"]:.2f}% of the backbone\'s FLOPs (per head: '

@@ -5,8 +5,12 @@ anything else, `check_workdir` (writes nothing), then, once the data loads and
 the model and engine build, `write_workdir` and `WorkdirLock.keep`, and
 `truncate_metrics` on resume. So a run that fails to start leaves the workdir
 as it found it, and a rerun of a finished or interrupted run finds its files.
+Its name: `default_workdir` (what a sweep varies), or `expand_workdir` of a
+--workdir template naming config fields.
 """
 
+import dataclasses
+import difflib
 import fcntl
 import json
 import os
@@ -158,3 +162,52 @@ def truncate_metrics(workdir: str, step: int):
   with open(tmp, 'w') as f:
     f.writelines(kept)
   os.replace(tmp, path)
+
+
+def default_workdir(config, preset=None) -> str:
+  """runs/<dataset>[-<folder>]_[<preset>_]<arch>_<mode>_k<K>_<head>_s<seed>.
+
+  What a sweep usually varies is in the name, so runs of other seeds, K, heads,
+  folders or presets get workdirs of their own instead of refusing each other's
+  config; e.g. runs/digits_vgg11_bwbpf_k4_linear_s0.
+  """
+  dataset = config.dataset
+  if config.data_dir and config.dataset in ('imagefolder', 'tiny_imagenet'):
+    folder = os.path.basename(os.path.normpath(os.path.expanduser(config.data_dir)))
+    dataset += f'-{folder}'
+  preset_part = f'{preset}_' if preset else ''
+  return os.path.join('runs', f'{dataset}_{preset_part}{arch_folder_name(config.arch)}_'
+                              f'{config.mode}_k{config.num_blocks}_{config.aux_head}_'
+                              f's{config.seed}')
+
+
+def arch_folder_name(arch: str) -> str:
+  """An architecture as part of a folder name: 'mypkg.nets:small_cnn' -> 'small_cnn'."""
+  return arch.rpartition(':')[2].rpartition('.')[2]
+
+
+def expand_workdir(template: str, config) -> str:
+  """--workdir with {field} replaced by the config's value: runs/{arch}_k{num_blocks}_s{seed}.
+
+  Values are as a folder name wants them: the architecture by `arch_folder_name`,
+  tuples such as split_points joined by '-'. Format specs work ({lr:g}).
+  """
+  values = {}
+  for name, value in dataclasses.asdict(config).items():
+    if name == 'arch':
+      value = arch_folder_name(value)
+    elif isinstance(value, (tuple, list)):
+      value = '-'.join(map(str, value))
+    values[name] = value
+  try:
+    return template.format_map(values)
+  except KeyError as e:
+    close = difflib.get_close_matches(str(e.args[0]), values, n=1)
+    hint = f'did you mean {{{close[0]}}}? ' if close else ''
+    raise bw.UsageError(
+        f'--workdir={template} names {{{e.args[0]}}}, which is not a config field; {hint}'
+        f'any flag of the data, model, training or parallel groups of --help can be '
+        f'named') from None
+  except (ValueError, IndexError, AttributeError, TypeError) as e:
+    raise bw.UsageError(f'--workdir={template} is not a valid template ({e}); write '
+                        f'config fields in braces, e.g. runs/{{arch}}_s{{seed}}') from None

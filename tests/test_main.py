@@ -140,9 +140,11 @@ class EndToEndTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     proc = run_main('--dataset=digits', '--arch=resnet20', '--width=0.25', '--num_blocks=3',
                     '--aux_head=infopro', '--local_loss=xent_recon', '--loss_weights=2,1,0,1',
-                    '--max_steps=2', '--batch_size=32', f'--workdir={workdir}')
+                    '--max_steps=2', '--batch_size=32', '--optimizer=adamw',
+                    f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn('auxiliary heads infopro with loss xent_recon:', proc.stdout)
+    self.assertIn("adamw learning rate 0.001 (adamw's default), ", proc.stdout)
     results = json.load(open(os.path.join(workdir, 'results.json')))
     self.assertLen(results['aux_flop_fraction_per_head'], 2)
     self.assertAlmostEqual(results['aux_flop_fraction'],
@@ -182,6 +184,22 @@ FLAG_ERRORS = (
      'drop --split_by=activations'),
     ('bad_auglocal_depth', ['--aux_head=auglocal', '--auglocal_depth=0'],
      'auglocal_depth must be at least 1'),
+    ('bad_integer', ['--num_blocks=two'], 'flag --num_blocks=two'),
+    ('bad_custom_arch', ['--arch=mypkg.nets:'], 'or give package.module:function'),
+    # Flags the run would ignore.
+    ('momentum_for_adamw', ['--optimizer=adamw', '--momentum=0.5'],
+     '--momentum is a setting of --optimizer=sgd; --optimizer=adamw does not use it'),
+    ('nesterov_without_momentum', ['--nesterov', '--momentum=0'], '--nesterov needs momentum'),
+    ('epochs_with_max_steps', ['--epochs=3'],
+     '--max_steps=1 trains that many steps instead of --epochs=3; give one of the two'),
+    ('data_parallel_on_one_device', ['--parallel=data'],
+     '--parallel=data shards each batch over several devices, but JAX sees one'),
+    ('train_step_with_pipeline', ['--parallel=blocks', '--train_step=fused'],
+     'the stage pipeline of --parallel=blocks has its own'),
+    ('data_dir_for_digits', ['--data_dir=/tmp'], '--data_dir is not used by --dataset=digits'),
+    ('stem_for_vgg', ['--arch=vgg13', '--stem=cifar'], '--arch=vgg13 has none'),
+    ('head_without_auxiliary_blocks', ['--num_blocks=1', '--aux_head=mlp'],
+     '--num_blocks=1 has none'),
 )
 # One of each kind in the fast tier: a flag absl refuses, flags that contradict each
 # other, a model that cannot be built, a stray argument, a preset near miss.
@@ -265,7 +283,7 @@ class WorkdirTest(absltest.TestCase):
     # A failed start (the data is missing) leaves nothing behind, not even the workdir.
     proc = run_main('--dataset=imagefolder', f'--workdir={workdir}')
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertIn('needs data_dir', _stderr_only_line(proc))
+    self.assertIn('needs --data_dir=FOLDER', _stderr_only_line(proc))
     self.assertFalse(os.path.exists(os.path.dirname(workdir)))
 
     # The fixed rerun in the same workdir, stdout to a file as in a cluster job.
@@ -316,6 +334,25 @@ class WorkdirTest(absltest.TestCase):
     self.assertGreater(records[0]['learning_rate'], 0.01 * 0.05)
 
   @pytest.mark.slow
+  def test_template_workdir_of_a_seed_sweep(self):
+    runs = self.create_tempdir().full_path
+    template = os.path.join(runs, '{dataset}_{arch}_k{num_blocks}_s{seed}')
+    for seed in (0, 1):
+      proc = run_main('--width=0.125', '--num_blocks=2', '--batch_size=32', '--max_steps=1',
+                      f'--seed={seed}', f'--workdir={template}')
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(sorted(os.listdir(runs)), ['digits_vgg11_k2_s0', 'digits_vgg11_k2_s1'])
+    for seed in (0, 1):
+      results = json.load(open(os.path.join(runs, f'digits_vgg11_k2_s{seed}', 'results.json')))
+      self.assertEqual(results['config']['seed'], seed)
+    proc = run_main('--max_steps=1', f'--workdir={runs}/{{sed}}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertEqual(_stderr_only_line(proc),
+                     f'error: --workdir={runs}/{{sed}} names {{sed}}, which is not a config '
+                     f'field; did you mean {{seed}}? any flag of the data, model, training or '
+                     f'parallel groups of --help can be named')
+
+  @pytest.mark.slow
   def test_cifar10_without_network_fails_fast_with_one_line(self):
     workdir = os.path.join(self.create_tempdir().full_path, 'run')
     # A proxy that refuses every connection: no network, on any machine.
@@ -360,6 +397,81 @@ class ExitCodeTest(parameterized.TestCase):
     self.assertTrue(os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
+# Run in a process of its own: experiments.main defines its flags on absl's global FLAGS,
+# which other test modules' flags would collide with. For every Config field: the flag
+# exists, parses a good value into the field's type, and refuses a bad one (a wrong type,
+# a value outside the choices) with exit code 2 and one line naming the flag.
+_GENERATED_FLAGS_CHECK = r"""
+import contextlib, dataclasses, io, json, sys, typing
+from experiments import config as config_lib
+from experiments import main
+good = {'split_points': '2,4', 'loss_weights': '1,1,0,1', 'stem': 'cifar', 'lr': '0.01',
+        'max_steps': '5', 'stop_at_step': '3', 'pipeline_stages': '2', 'image_size': '16',
+        'data_dir': '/tmp/data'}
+report = {}
+for field in dataclasses.fields(config_lib.Config):
+  name, flag = field.name, main.FLAGS[field.name]
+  value = good.get(name, str(field.default).lower())
+  main.FLAGS.unparse_flags()
+  main._parse_flags(['main', f'--{name}={value}'])
+  parsed = main.FLAGS[name].value
+  choices = field.metadata['choices']
+  kind = typing.get_type_hints(config_lib.Config)[name]
+  bad = ('not_a_choice' if choices else {int: '1.5', float: 'abc', bool: 'maybe'}.get(
+      typing.get_args(kind)[0] if typing.get_args(kind) and typing.get_origin(kind) is not tuple
+      else kind, 'x,y'))
+  stderr = io.StringIO()
+  main.FLAGS.unparse_flags()
+  code = None
+  if kind not in (str, typing.Optional[str]) or choices:
+    with contextlib.redirect_stderr(stderr):
+      try:
+        main._parse_flags(['main', f'--{name}={bad}'])
+      except SystemExit as e:
+        code = e.code
+  report[name] = dict(parsed=repr(parsed), group=field.metadata['group'], bad_exit=code,
+                      bad_stderr=stderr.getvalue(), help=flag.help)
+print(json.dumps(report))
+"""
+
+
+class GeneratedFlagsTest(absltest.TestCase):
+
+  def test_every_config_field_is_a_flag_that_refuses_bad_values(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    proc = subprocess.run([sys.executable, '-c', _GENERATED_FLAGS_CHECK], cwd=REPO,
+                          env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True,
+                          text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    report = json.loads(proc.stdout.splitlines()[-1])
+    self.assertEqual(list(report), list(config_lib.FIELD_NAMES))
+    self.assertEqual(report['split_points']['parsed'], '(2, 4)')
+    self.assertEqual(report['loss_weights']['parsed'], '(1.0, 1.0, 0.0, 1.0)')
+    self.assertEqual(report['lr']['parsed'], '0.01')
+    self.assertEqual(report['nesterov']['parsed'], 'False')
+    self.assertEqual(report['augment']['parsed'], "'crop_flip'")
+    self.assertIn('(default: 200; 12 for digits)', ' '.join(report['epochs']['help'].split()))
+    free_text = ('arch', 'data_dir')  # Strings: --arch is checked with the config.
+    for name, checked in report.items():
+      if name in free_text:
+        continue
+      self.assertEqual(checked['bad_exit'], 2, name)
+      lines = checked['bad_stderr'].splitlines()
+      self.assertLen(lines, 1, name)
+      self.assertRegex(lines[0], rf'^error: flag --{name}=', name)
+
+  def test_help_groups_the_flags(self):
+    proc = run_main('--help')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    headings = [line for line in proc.stdout.splitlines() if re.fullmatch(r'[a-z]+:', line)]
+    self.assertEqual(headings, ['presets:', 'data:', 'model:', 'training:', 'parallel:',
+                                'output:'])
+    model = proc.stdout.split('\nmodel:\n')[1].split('\ntraining:\n')[0]
+    self.assertIn('--num_blocks: K, blocks the network is cut into', model)
+    self.assertIn('--arch: Architecture: vgg11', model)
+    self.assertIn('package.module:function', model)
+
+
 class PresetsTest(absltest.TestCase):
 
   def test_list_presets_and_helpfull_name_them(self):
@@ -387,6 +499,61 @@ class ConfigTest(absltest.TestCase):
     for stored, expected in ((True, 'crop_flip'), (False, 'none')):
       old = json.dumps({**config_lib.make_config({}).to_dict(), 'augment': stored})
       self.assertEqual(config_lib.config_from_json(old).augment, expected)
+
+  def test_flags_the_run_would_ignore_are_refused(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    for overrides, message in (
+        ({'optimizer': 'adamw', 'momentum': 0.5}, '--momentum is a setting of --optimizer=sgd'),
+        ({'optimizer': 'adamw', 'nesterov': False}, '--nesterov is a setting of'),
+        ({'nesterov': True, 'momentum': 0.0}, '--nesterov needs momentum'),
+        ({'epochs': 3, 'max_steps': 5}, '--max_steps=5 trains that many steps instead of '
+                                        '--epochs=3; give one of the two'),
+        ({'parallel': 'blocks', 'train_step': 'blockwise'}, 'has its own'),
+        ({'data_dir': '/data'}, '--data_dir is not used by --dataset=digits'),
+        ({'arch': 'vgg16', 'stem': 'imagenet'}, '--arch=vgg16 has none'),
+        ({'num_blocks': 1, 'local_loss': 'supcon'}, '--local_loss sets the auxiliary blocks'),
+        ({'split_points': (), 'aux_head': 'dgl'}, '--aux_head sets the auxiliary blocks')):
+      with self.assertRaisesRegex(config_lib.UsageError, re.escape(message)):
+        config_lib.make_config(overrides)
+    # What they contradict is fine alone, and given by a preset they are not flags.
+    config_lib.make_config({'optimizer': 'adamw'})
+    config_lib.make_config({'max_steps': 5})
+    config_lib.make_config({'arch': 'resnet18', 'stem': 'imagenet'})
+    config_lib.make_config({'dataset': 'cifar10', 'data_dir': '/data'})
+    self.assertEqual(config_lib.make_config({'optimizer': 'adamw'},
+                                            'infopro_cifar10_resnet32_k4').nesterov, False)
+
+  def test_each_optimizer_has_its_own_default_learning_rate(self):
+    from bwbpf_jax import optimizers  # pylint: disable=g-import-not-at-top
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    self.assertEqual(optimizers.DEFAULT_LEARNING_RATES, {'sgd': 0.1, 'adamw': 1e-3})
+    self.assertEqual(config_lib.Config().lr, None)
+    lr = lambda overrides, preset=None: config_lib.make_config(overrides, preset).lr
+    self.assertEqual(lr({'dataset': 'cifar10'}), 0.1)
+    self.assertEqual(lr({'dataset': 'cifar10', 'optimizer': 'adamw'}), 1e-3)
+    self.assertEqual(lr({}), 0.05)  # digits' SGD rate ...
+    self.assertEqual(lr({'optimizer': 'adamw'}), 1e-3)  # ... is not AdamW's.
+    self.assertEqual(lr({'optimizer': 'adamw', 'lr': 3e-4}), 3e-4)
+    self.assertEqual(lr({}, 'infopro_cifar10_resnet32_k4'), 0.8)  # Presets set theirs.
+    self.assertEqual(lr({'optimizer': 'adamw'}, 'infopro_cifar10_resnet32_k4'), 1e-3)
+    self.assertEqual(lr({'lr': None}), 0.05)  # None: unset, as in Config.
+    # A config stored before per-optimizer rates still resumes: the same rate is chosen.
+    stored = json.loads(config_lib.make_config({'dataset': 'cifar10'}).to_json())
+    self.assertEqual(config_lib.config_from_json(json.dumps(stored)).lr, 0.1)
+
+  def test_library_arguments_become_flags_at_the_command_line(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    as_flags = config_lib.as_flags
+    self.assertEqual(as_flags('num_stages=4 needs 4 devices; use num_stages=2 (or 1)'),
+                     '--pipeline_stages=4 needs 4 devices; use --pipeline_stages=2 (or 1)')
+    self.assertEqual(as_flags('global_batch_size=30 and num_microbatches=4, (batch_norm=x)'),
+                     '--batch_size=30 and --microbatches=4, (--pipeline_batch_norm=x)')
+    self.assertEqual(as_flags('Dataset imagefolder needs data_dir=FOLDER.'),
+                     'Dataset imagefolder needs --data_dir=FOLDER.')
+    for unchanged in ('workdir runs/lr=0.1 is in use', 'run `tfds build --data_dir=DIR`',
+                      'total_steps=0 is not a config field', '--width=-1 already a flag',
+                      'xseed=3'):
+      self.assertEqual(as_flags(unchanged), unchanged)
 
   def test_split_points_decide_the_number_of_blocks(self):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -442,7 +442,8 @@ class CommandLineTest(absltest.TestCase):
                                                       r'accept train',
                 '--arch=user_networks:small_cnn --aux_head=dgl --num_blocks=5':
                     'cannot cut 4 units into 5 blocks',
-                '--arch=vgg7': 'unknown architecture'}
+                '--arch=vgg7': 'unknown --arch=vgg7',
+                '--arch=user_networks:small_cnn --width=0.5': '--width shapes the built-in'}
     for flags, message in mistakes.items():
       workdir = os.path.join(self.create_tempdir().full_path, 'run')
       proc = test_main.run_main(*SMALL, *flags.split(), '--max_steps=1', f'--workdir={workdir}',

@@ -10,6 +10,8 @@ the same computation.
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,13 +192,54 @@ class ParallelCommandLineTest(absltest.TestCase):
         (('--batch_size=30',), 4, 'cannot be split evenly over 4 devices'),
         (('--batch_size=30', '--parallel=blocks', '--microbatches=4'), 2,
          'equal micro-batches'),
-        (('--parallel=blocks',), 3, 'a pipeline of 2 stages needs a multiple of 2 devices'),
+        # The library names num_stages; the command line, the flag (and the values that work).
+        (('--parallel=blocks',), 3, '--pipeline_stages=2 needs a multiple of 2 devices (one '
+         'stage each, times the data rows), found 3; use --pipeline_stages=1'),
+        (('--parallel=blocks', '--num_blocks=4'), 2, '--pipeline_stages=4 needs a multiple of '
+         '4 devices (one stage each, times the data rows), found 2; use --pipeline_stages=2 '
+         '(or 1), or run on 4 accelerators or processes'),
         (('--num_processes=2', '--process_id=2'), 1, '--process_id must be in [0, 2)')):
       proc = run_main(*SMALL, *flags, '--max_steps=1',
                       f'--workdir={self.create_tempdir().full_path}', env=_devices_env(count))
       self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
       self.assertLen(_stderr_lines(proc), 1, proc.stderr)
       self.assertIn(expected, proc.stderr)
+
+
+def readme_process_recipe() -> list:
+  """The README's multi-process commands: each `taskset ... python -m experiments.main` line."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    text = f.read().replace('\\\n', ' ')  # Continuation lines joined.
+  return [line.strip().rstrip('&').strip() for line in text.splitlines()
+          if line.strip().startswith('taskset ') and '--num_processes=' in line]
+
+
+class ReadmeRecipeTest(absltest.TestCase):
+
+  def test_readme_multi_process_recipe_runs_as_written(self):
+    commands = readme_process_recipe()
+    self.assertLen(commands, 2)
+    if len(os.sched_getaffinity(0)) < 2 or not shutil.which('taskset'):
+      self.skipTest('the recipe pins its processes to cores 0 and 1 with taskset')
+    # As written, but on a free port and in a temporary workdir.
+    port, runs = _free_port(), self.create_tempdir().full_path
+    procs = []
+    for command in commands:
+      self.assertIn('127.0.0.1:12345', command)
+      command = command.replace('127.0.0.1:12345', f'127.0.0.1:{port}').replace(
+          '--workdir=runs/', f'--workdir={runs}/').replace(' python ', f' {sys.executable} ')
+      procs.append(subprocess.Popen(shlex.split(command), cwd=REPO,
+                                    env={**os.environ, 'PYTHONPATH': REPO},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+      self.assertEqual(proc.returncode, 0, stderr[-3000:])
+    (workdir,) = os.listdir(runs)
+    results = _results(os.path.join(runs, workdir))
+    self.assertEqual((results['parallel'], results['mesh'], results['num_processes'],
+                      results['num_blocks'], results['steps']),
+                     ('blocks', {'data': 1, 'stage': 2}, 2, 4, 20))
+    self.assertIn('test accuracy', outputs[0][0])
 
 
 class MultiProcessEngineChecksTest(absltest.TestCase):

@@ -126,25 +126,42 @@ class OneDeviceTest(parameterized.TestCase):
     self.assertEqual((boundary,), parallel.balanced_split_points(costs, 2))
 
   def test_usage_errors(self):
+    """The library's refusals name its Python arguments (the command line names flags)."""
     model, tx, _ = _built()
-    with self.assertRaisesRegex(UsageError, 'between 1 and the 4 blocks'):
-      parallel.make_stage_plan(model, tx, IMAGE, 5)
-    with self.assertRaisesRegex(UsageError, 'needs a multiple of 2 devices'):
-      parallel.make_pipeline_mesh(2, jax.devices()[:1] * 3)
-    # One device: say what gives several, instead of a stage count dividing 1.
-    with self.assertRaisesRegex(UsageError, 'JAX sees 1 device.*device_count=2'):
-      parallel.make_pipeline_mesh(2, jax.devices()[:1])
+    messages = []
+
+    def refused(pattern, call, *args, **kwargs):
+      with self.assertRaisesRegex(UsageError, pattern) as caught:
+        call(*args, **kwargs)
+      messages.append(str(caught.exception))
+
+    refused(r"^num_stages=5 is not between 1 and the model's 4 blocks$",
+            parallel.make_stage_plan, model, tx, IMAGE, 5)
+    # A device count the stages do not divide: the counts that work, most stages first.
+    refused(r'^num_stages=2 needs a multiple of 2 devices \(one stage each, times the data '
+            r'rows\), found 3; use num_stages=3 \(or 1\)$', parallel.make_pipeline_mesh, 2, jax.devices()[:1] * 3)
+    refused(r'^num_stages=4 needs a multiple of 4 devices .*, found 2; use '
+            r'num_stages=2 \(or 1\), or run on 4 accelerators or processes',
+            parallel.make_pipeline_mesh, 4, jax.devices()[:1] * 2, max_stages=4)
+    refused(r'found 6; use num_stages=3 \(or 2, 1\)$',
+            parallel.make_pipeline_mesh, 4, jax.devices()[:1] * 6, max_stages=4)
+    # One device: also what gives several.
+    refused(r'found 1; use num_stages=1, or run on 2 accelerators .*device_count=2',
+            parallel.make_pipeline_mesh, 2, jax.devices()[:1])
     bp_model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125, mode='bp')
-    with self.assertRaisesRegex(UsageError, 'isolated blocks'):
-      parallel.make_stage_plan(bp_model, tx, IMAGE)
+    refused('isolated blocks', parallel.make_stage_plan, bp_model, tx, IMAGE)
     recon_model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125,
                                  aux_head='infopro', local_loss='xent_recon')
-    with self.assertRaisesRegex(UsageError, 'reconstruction loss'):
-      parallel.make_stage_plan(recon_model, tx, IMAGE)
+    refused('reconstruction loss', parallel.make_stage_plan, recon_model, tx, IMAGE)
     plan = parallel.make_stage_plan(model, tx, IMAGE, 1)
     mesh = parallel.make_pipeline_mesh(1, jax.devices()[:1])
-    with self.assertRaisesRegex(UsageError, 'cannot be split into --microbatches=3'):
-      parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=3, global_batch_size=16)
+    refused(r'^global_batch_size=16 cannot be split into num_microbatches=3 equal',
+            parallel.StagePipeline, model, tx, plan, mesh, num_microbatches=3,
+            global_batch_size=16)
+    refused(r'^batch_norm=sideways is not one of rows, global$', parallel.StagePipeline, model,
+            tx, plan, mesh, num_microbatches=2, global_batch_size=16, batch_norm='sideways')
+    for message in messages:
+      self.assertNotIn(' --', message)  # No command-line flags for a Python caller.
 
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     if jax.device_count() >= NUM_DEVICES:

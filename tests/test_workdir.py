@@ -73,5 +73,35 @@ class WorkdirContentsTest(absltest.TestCase):
     self.assertEqual([json.loads(line)['step'] for line in open(path)], [2, 4])
 
 
+
+class WorkdirNameTest(absltest.TestCase):
+  """A sweep needs no hand-made --workdir: names hold what runs usually differ in."""
+
+  def test_default_name_holds_dataset_preset_arch_mode_k_head_and_seed(self):
+    make, name = config_lib.make_config, workdir_lib.default_workdir
+    self.assertEqual(name(make({})), 'runs/digits_vgg11_bwbpf_k4_linear_s0')
+    preset = 'cpu_cifar10_vgg11'
+    self.assertEqual(name(make({'data_dir': '~/data/cifar10-jpeg/'}, preset), preset),
+                     'runs/imagefolder-cifar10-jpeg_cpu_cifar10_vgg11_vgg11_bwbpf_k4_linear_s0')
+    self.assertEqual(name(make({'arch': 'mypkg.nets:small_cnn', 'mode': 'bp'})),
+                     'runs/digits_small_cnn_bp_k4_linear_s0')
+    sweep = [make({'seed': seed, 'num_blocks': k, 'aux_head': head})
+             for seed in (0, 1, 2) for k in (2, 4) for head in ('linear', 'dgl')]
+    self.assertLen({name(config) for config in sweep}, len(sweep))
+
+  def test_template_names_config_fields(self):
+    config = config_lib.make_config({'seed': 3, 'split_points': (2, 5), 'arch': 'a.b:net'})
+    self.assertEqual(workdir_lib.expand_workdir('runs/{arch}_k{num_blocks}_s{seed}', config),
+                     'runs/net_k3_s3')
+    self.assertEqual(workdir_lib.expand_workdir('out/{split_points}_lr{lr:g}', config),
+                     'out/2-5_lr0.05')
+    self.assertEqual(workdir_lib.expand_workdir('/tmp/plain', config), '/tmp/plain')
+    with self.assertRaisesRegex(bw.UsageError, r'^--workdir=runs/\{seeds\} names \{seeds\}, '
+                                               r'which is not a config field; did you mean '
+                                               r'\{seed\}\?'):
+      workdir_lib.expand_workdir('runs/{seeds}', config)
+    with self.assertRaisesRegex(bw.UsageError, 'is not a valid template'):
+      workdir_lib.expand_workdir('runs/{arch', config)
+
 if __name__ == '__main__':
   absltest.main()

@@ -155,7 +155,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
   num_steps = steps_per_epoch(len(images), batch_size)
   if num_steps == 0:
     raise UsageError(f'batch_size {batch_size} is larger than the {len(images)} training '
-                     f'examples; use a smaller --batch_size.')
+                     f'examples; use batch_size={len(images)} or less.')
   if not 0 <= start_step <= num_steps:
     raise UsageError(f'start_step {start_step} is outside the epoch\'s {num_steps} steps.')
   order = np.random.default_rng((_PERMUTATION_STREAM, seed, epoch)).permutation(len(images))

@@ -151,7 +151,7 @@ def load_dataset(name: str,
   if name in _TFDS_NAMES:
     return _load_tfds(name, data_dir, image_size)
   if data_dir is None:
-    raise UsageError(f'Dataset {name} needs data_dir (--data_dir=FOLDER).')
+    raise UsageError(f'Dataset {name} needs data_dir=FOLDER.')
   if not os.path.isdir(data_dir):
     raise UsageError(f'data_dir {data_dir} does not exist or is not a folder.')
   if name == 'tiny_imagenet':
@@ -433,7 +433,7 @@ def _first_image_size(path: str) -> int:
     raise UsageError(f'Cannot read image {path} ({error}); fix or remove the file.') from error
   if width != height:
     raise UsageError(f'The first train image {path} is {width}x{height}, not square; '
-                     f'pass image_size (--image_size=N) to choose the size of all images.')
+                     f'pass image_size=N to choose the size of all images.')
   return width
 
 

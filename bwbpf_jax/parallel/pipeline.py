@@ -93,35 +93,47 @@ _spec = jax.sharding.PartitionSpec
 # ---------------------------------------------------------------- mesh and layout
 
 
-def make_pipeline_mesh(num_stages: int,
-                       devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+def make_pipeline_mesh(num_stages: int, devices: Optional[Sequence[Any]] = None, *,
+                       max_stages: Optional[int] = None) -> jax.sharding.Mesh:
   """A ('data', 'stage') mesh of every device (every process's): D = devices / stages rows.
 
   Built with `jax.make_mesh`, which orders devices for the hardware's topology
   (neighbouring stages on neighbouring chips where it can). Axes are Auto, so
-  the shardings given to jit decide placement.
+  the shardings given to jit decide placement. `max_stages` (the model's K)
+  only bounds the stage counts a refusal suggests.
 
   Raises:
-    UsageError: fewer devices than stages, or a count that is not a multiple of them.
+    UsageError: fewer devices than stages, or a count that is not a multiple of
+      them; it names the `num_stages` that work on these devices.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if num_stages < 1 or len(devices) < num_stages:
-    raise UsageError(
-        f'a pipeline of {num_stages} stages puts each stage on a device of its own, but '
-        f'JAX sees {len(devices)} device(s); run on several accelerators or processes '
-        f'(--num_processes), or on CPU emulate devices with '
-        f'XLA_FLAGS=--xla_force_host_platform_device_count={max(num_stages, 2)} '
-        f'(for correctness, not speed), or use --pipeline_stages=1 or --parallel=none')
-  if len(devices) % num_stages:
-    raise UsageError(f'a pipeline of {num_stages} stages needs a multiple of {num_stages} '
-                     f'devices, found {len(devices)}; choose --pipeline_stages dividing '
-                     f'{len(devices)}')
+  if num_stages < 1 or len(devices) % num_stages:
+    raise UsageError(_stage_count_refusal(num_stages, len(devices), max_stages))
   shape = (len(devices) // num_stages, num_stages)
   auto = (jax.sharding.AxisType.Auto,) * 2
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, (DATA_AXIS, STAGE_AXIS), axis_types=auto, devices=devices)
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), (DATA_AXIS, STAGE_AXIS),
                            axis_types=auto)
+
+
+def workable_stage_counts(num_devices: int, max_stages: Optional[int] = None) -> tuple:
+  """Stage counts a mesh of `num_devices` takes (divisors, at most `max_stages`), most first."""
+  limit = num_devices if max_stages is None else min(num_devices, max_stages)
+  return tuple(s for s in range(limit, 0, -1) if num_devices % s == 0)
+
+
+def _stage_count_refusal(num_stages: int, num_devices: int, max_stages: Optional[int]) -> str:
+  workable = workable_stage_counts(num_devices, max_stages)
+  others = f' (or {", ".join(map(str, workable[1:]))})' if len(workable) > 1 else ''
+  message = (f'num_stages={num_stages} needs a multiple of {num_stages} devices (one stage '
+             f'each, times the data rows), found {num_devices}; use '
+             f'num_stages={workable[0]}{others}')
+  if num_devices < num_stages:
+    message += (f', or run on {num_stages} accelerators or processes (on CPU, '
+                f'XLA_FLAGS=--xla_force_host_platform_device_count={num_stages} emulates '
+                f'them, for correctness, not speed)')
+  return message
 
 
 def process_feed_slice(mesh: jax.sharding.Mesh) -> tuple:
@@ -313,12 +325,12 @@ def make_stage_plan(model: PartitionedModel, tx: optax.GradientTransformation, i
   step_lib.require_isolated(model, 'block-parallel training')
   if step_lib.needs_pixels(model):
     raise UsageError('the stage pipeline passes labels between stages, not the images a '
-                     'reconstruction loss needs; use --parallel=data or none with it')
+                     'reconstruction loss needs; train it data-parallel or on one device')
   num_blocks = model.num_blocks
   num_stages = num_blocks if num_stages is None else int(num_stages)
   if not 1 <= num_stages <= num_blocks:
-    raise UsageError(f'--pipeline_stages must be between 1 and the {num_blocks} blocks, '
-                     f'got {num_stages}')
+    raise UsageError(f'num_stages={num_stages} is not between 1 and the model\'s '
+                     f'{num_blocks} blocks')
   if num_stages == num_blocks:
     starts = tuple(range(1, num_blocks))
   else:
@@ -457,12 +469,12 @@ class StagePipeline:
       raise UsageError(f'the mesh has {mesh.shape[STAGE_AXIS]} stages, the plan '
                        f'{plan.num_stages}')
     if batch_norm not in BATCH_NORM_STATISTICS:
-      raise UsageError(f'--pipeline_batch_norm must be one of {", ".join(BATCH_NORM_STATISTICS)}'
-                       f', got {batch_norm!r}')
+      raise UsageError(f'batch_norm={batch_norm} is not one of '
+                       f'{", ".join(BATCH_NORM_STATISTICS)}')
     divisor = num_microbatches * mesh.shape[DATA_AXIS]
     if num_microbatches < 1 or global_batch_size % divisor:
-      raise UsageError(f'--batch_size={global_batch_size} cannot be split into '
-                       f'--microbatches={num_microbatches} equal micro-batches over '
+      raise UsageError(f'global_batch_size={global_batch_size} cannot be split into '
+                       f'num_microbatches={num_microbatches} equal micro-batches over '
                        f'{mesh.shape[DATA_AXIS]} data-parallel rows; use a multiple of '
                        f'{divisor}')
     if mesh.shape[DATA_AXIS] > 1 and any(b.loss.kind == 'supcon' for b in model.blocks):
@@ -470,7 +482,7 @@ class StagePipeline:
       raise UsageError(f'the supervised contrastive loss pairs the examples of a whole '
                        f'micro-batch, which the stage pipeline splits over '
                        f'{mesh.shape[DATA_AXIS]} data rows; use one row (as many stages as '
-                       f'devices) or --parallel=data with it')
+                       f'devices) or train it data-parallel')
     self.model, self.tx, self.plan, self.mesh = model, tx, plan, mesh
     self.num_microbatches = num_microbatches
     self.batch_norm = batch_norm
