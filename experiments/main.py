@@ -58,6 +58,20 @@ Exit codes, each failure with one line on stderr:
 import os
 import sys
 
+from experiments import stopping
+
+
+def _exit_at_once(signum, frame):  # pylint: disable=unused-argument
+  """Until main() runs nothing is written: a signal ends the process here, with one line."""
+  sys.stdout.flush()
+  stopping.say(f'stopped by {stopping.signal_name(signum)} while starting; nothing was written')
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # Ctrl-C while JAX imports: one line, not a traceback.
+  stopping.handle_stop_signals(_exit_at_once)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import xla_defaults
 
 xla_defaults.apply()  # Before JAX starts.
@@ -66,7 +80,6 @@ xla_defaults.apply()  # Before JAX starts.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -202,7 +215,7 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
+    stopping.say(f'error: {e}')
     sys.exit(EXIT_USAGE)
   except SystemExit as e:
     # absl's help flags print the help and exit 1; asking for help is not a failure.
@@ -240,10 +253,20 @@ def _quiet_closed_loop_callbacks():
   sys.unraisablehook = hook
 
 
+def _stop_now(signum, frame):  # pylint: disable=unused-argument
+  """A signal the run does not defer: before it writes its workdir, or a second one."""
+  name = stopping.signal_name(signum)
+  if stopping.run_started():
+    raise stopping.Interrupted(f'stopped at once by a second {name}, without a checkpoint of '
+                               f'this step; rerun the same command to resume from the last '
+                               f'checkpoint', signum)
+  raise stopping.Interrupted(f'stopped by {name} before the run began writing its workdir; '
+                             f'nothing was written', signum)
+
+
 def main(argv):
   if len(argv) > 1:
-    print(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)',
-          file=sys.stderr)
+    stopping.say(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)')
     sys.exit(EXIT_USAGE)
   if FLAGS.list_presets:
     _exit_quietly_if_output_closed(lambda: print('\n'.join(config_lib.describe_presets())))
@@ -254,6 +277,10 @@ def main(argv):
   _quiet_closed_loop_callbacks()
   from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
+  # Signals now unwind (the workdir lock removes what it created); once the run writes its
+  # workdir, train defers them to the end of a step and saves a checkpoint.
+  stopping.handle_stop_signals(_stop_now)
+  exit_code = None
   try:
     multi_process = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if any(value is not None for value in multi_process):
@@ -270,14 +297,20 @@ def main(argv):
                              resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
                              progress_seconds=FLAGS.progress_seconds)
   except bwbpf_jax.UsageError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    stopping.say(f'error: {e}')
+    exit_code = EXIT_USAGE
+  except stopping.Interrupted as e:
+    # stderr may be the pipe that closed (`2>&1 | head`): say() then drops the line.
+    stopping.say(str(e))
+    exit_code = 128 + e.signum  # The shell's code for a process a signal ended (141: SIGPIPE).
   except train.NonFiniteError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_NONFINITE)
-  except train.Interrupted as e:
-    print(e, file=sys.stderr)
-    sys.exit(128 + e.signum)  # The shell's code for a process a signal ended (141: SIGPIPE).
+    stopping.say(f'error: {e}')
+    exit_code = EXIT_NONFINITE
+  finally:
+    # Everything is written: a signal from here on (Python's exit) ends the process at once.
+    stopping.handle_stop_signals(_exit_at_once)
+  if exit_code is not None:
+    sys.exit(exit_code)
 
 
 def default_workdir(config, preset=None) -> str:

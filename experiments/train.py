@@ -31,8 +31,12 @@ last checkpoint:
   `NonFiniteError` naming the block and step, without saving anything after the
   last good checkpoint; with `config.skip_nonfinite` the block's update is
   skipped instead and counted (metrics 'skipped', results 'skipped_updates').
-- SIGINT and SIGTERM finish the current step, save a checkpoint and raise
-  `Interrupted`; a second signal acts as it normally would. With several
+- From the first file written to the workdir, SIGINT, SIGTERM and a closed
+  stdout pipe finish the current step (a compilation in progress included),
+  save a checkpoint and raise `Interrupted` (see experiments/stopping.py);
+  before that they act as they normally would, and a second signal acts at
+  once. A signal after the last step lets the run complete, then raises
+  `Interrupted` too. With several
   processes every one saves (orbax saves collectively), so all must get the
   signal between the same two steps; orbax's preemption sync point
   (`CheckpointManager.reached_preemption`) is not wired in yet.
@@ -45,9 +49,6 @@ write still in flight.
 import dataclasses
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from typing import Optional
 
@@ -58,6 +59,7 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import checkpoint
 from bwbpf_jax import data
+from experiments import stopping
 from experiments import writers
 from experiments.config import Config
 from experiments.engine import Engine, make_engine, optimizer_steps_per_batch
@@ -69,12 +71,9 @@ class NonFiniteError(Exception):
   """A block's loss or parameters stopped being finite; nothing after that was saved."""
 
 
-class Interrupted(Exception):
-  """SIGINT or SIGTERM stopped the run after saving a checkpoint."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.signum = signum
+# SIGINT, SIGTERM or a closed output pipe stopped the run (after saving a checkpoint
+# once the run had begun writing its workdir).
+Interrupted = stopping.Interrupted
 
 
 def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
@@ -163,21 +162,22 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
     raise bw.UsageError(f'--checkpoint_every must be 0 or more, got {checkpoint_every}')
   # The chief writes the workdir's files, so it alone holds the lock.
   lock = WorkdirLock(workdir) if is_chief else None
+  stop_signals = stopping.StopSignals()
   try:
     return _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from,
-                               overwrite, progress_seconds)
+                               overwrite, progress_seconds, stop_signals)
   finally:
+    stop_signals.restore()
     if lock is not None:
       lock.release()
 
 
 def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from, overwrite,
-                        progress_seconds) -> dict:
+                        progress_seconds, stop_signals) -> dict:
   """train_and_evaluate, holding the workdir."""
   wall_start = time.time()
   is_chief = jax.process_index() == 0
   log = log if is_chief else (lambda *args, **kwargs: None)
-  stop_signals = _StopSignals()
   log = stop_signals.guard_output(log)
   check_workdir(config, workdir, overwrite)
   dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
@@ -217,6 +217,9 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
 
   # Checks the device setup before anything is saved.
   engine = make_engine(config, model, tx, image_shape)
+  # From the first file written, a signal stops the run between steps, after a checkpoint
+  # (until here it stops the run at once, and the lock removes what it created).
+  stop_signals.defer()
   if is_chief:  # The run starts: from here on the workdir is its.
     write_workdir(config, workdir, overwrite, log)
     lock.keep()
@@ -295,6 +298,10 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   log(f'test accuracy {100 * results["test_accuracy"]:.2f}% (output head); every head: '
       f'{writers.format_blocks(100 * np.asarray(test_metrics["accuracy"]), "{:.1f}")}; '
       f'results in {workdir}')
+  if stop_signals.signum is not None:  # It came after the last step: the run is complete.
+    raise Interrupted(f'stopped by {stopping.signal_name(stop_signals.signum)} after the last '
+                      f'step ({loop.step}); the run is complete, results in {workdir}',
+                      stop_signals.signum)
   return results
 
 
@@ -380,24 +387,24 @@ class _Run:
                                 enabled=self.is_chief, interval_s=self.progress_seconds,
                                 log=self.log)
     train_metrics = test_metrics = None
+    stop = self.stop_signals
     try:
-      with self.stop_signals as stop:
-        while True:
-          if stop.signum is not None and loop.step < last_step:
-            self.stop(states, loop, stop.signum, progress)
-          step = loop.step
-          # The epoch's records, once its last step (or the run's) is done. A run stopped
-          # by a signal right there writes them when it resumes.
-          if loop.train_count and (step % steps_per_epoch == 0 or step >= last_step):
-            train_metrics, evaluated = self.end_of_epoch(states, loop, writer, progress)
-            test_metrics = evaluated or test_metrics
-          if step >= last_step:
-            break
-          if self.checkpoint_due(step):
-            self.save(states, loop)
-          if stop.signum is not None:
-            self.stop(states, loop, stop.signum, progress)
-          states = self.train_segment(states, loop, stop, progress)
+      while True:
+        if stop.signum is not None and loop.step < last_step:
+          self.stop(states, loop, stop.signum, progress)
+        step = loop.step
+        # The epoch's records, once its last step (or the run's) is done. A run stopped
+        # by a signal right there writes them when it resumes.
+        if loop.train_count and (step % steps_per_epoch == 0 or step >= last_step):
+          train_metrics, evaluated = self.end_of_epoch(states, loop, writer, progress)
+          test_metrics = evaluated or test_metrics
+        if step >= last_step:
+          break
+        if self.checkpoint_due(step):
+          self.save(states, loop)
+        if stop.signum is not None:
+          self.stop(states, loop, stop.signum, progress)
+        states = self.train_segment(states, loop, stop, progress)
     finally:
       progress.close()
       writer.close()
@@ -479,64 +486,8 @@ class _Run:
   def stop(self, states, loop: LoopState, signum: int, progress):
     progress.clear()
     path = self.save(states, loop)
-    name = signal.Signals(signum).name
-    if signum == signal.SIGPIPE:
-      name += ' (the output pipe closed)'
-    raise Interrupted(f'stopped by {name} at step {loop.step} of {self.last_step}; checkpoint '
+    raise Interrupted(f'stopped by {stopping.signal_name(signum)} at step {loop.step} of {self.last_step}; checkpoint '
                       f'in {path}; rerun the same command to resume', signum)
-
-
-class _StopSignals:
-  """Turns SIGINT, SIGTERM and a closed stdout pipe into a flag (`signum`) checked between steps.
-
-  The first signal only sets the flag, so the loop can finish its step and save;
-  the handler then puts the previous one back, so a second signal acts at once
-  (Ctrl-C twice raises KeyboardInterrupt). Outside the main thread, where Python
-  cannot install handlers, signals keep their usual meaning.
-
-  A closed output pipe (`python -m experiments.main | head -1`) is the same
-  request to stop: Python ignores SIGPIPE, so the next print raises
-  BrokenPipeError instead; `guard_output` catches it there and sets the flag to
-  SIGPIPE, and the run saves a checkpoint and stops like a signalled one.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self.output_closed = False
-    self._previous = {}
-
-  def guard_output(self, log):
-    """`log`, except that a write to a closed stdout pipe asks the loop to stop."""
-    def guarded_log(*args, **kwargs):
-      if self.output_closed:
-        return
-      try:
-        log(*args, **kwargs)
-        sys.stdout.flush()
-      except BrokenPipeError:
-        self.output_closed = True
-        # Later prints, and Python's flush at exit, then go nowhere instead of failing.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        if self.signum is None:
-          self.signum = signal.SIGPIPE
-    return guarded_log
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGINT, signal.SIGTERM):
-        previous = signal.signal(signum, self._handle)
-        self._previous[signum] = signal.SIG_DFL if previous is None else previous
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.signum = signum
-    signal.signal(signum, self._previous[signum])
-
-  def __exit__(self, *exc_info):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
 
 
 def _resume_step(manager, resume_from) -> Optional[int]:

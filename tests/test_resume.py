@@ -93,6 +93,10 @@ class _Background:
     self.proc.kill()
     raise AssertionError(f'timed out: {self.output()[1][-2000:]}')
 
+  def stdout_so_far(self) -> str:
+    with open(self._stdout.name) as f:
+      return f.read()
+
   def output(self):
     self.proc.wait(timeout=300)
     self._stdout.seek(0)
@@ -262,6 +266,42 @@ class ResumeTest(absltest.TestCase):
     self.assertEqual(_results(workdir)['params_digest'],
                      self.reference_results['params_digest'])
     self.assertEqual(_metrics(workdir), self.reference_metrics)
+
+  def test_a_signal_while_starting_is_one_line(self):
+    # Ctrl-C during the imports, the data loading, the model build or the compilations
+    # before the loop: one line, exit 130, and either nothing written or, once the run has
+    # begun writing its workdir, a checkpoint at the step it names.
+    for delay_s in (1.0, 3.0):
+      workdir = os.path.join(self.create_tempdir().full_path, 'run')
+      run = _Background(self.create_tempdir().full_path, *SMALL, f'--workdir={workdir}')
+      time.sleep(delay_s)
+      run.proc.send_signal(signal.SIGINT)
+      _, stderr = run.output()
+      self.assertEqual(run.proc.returncode, 130, stderr[-3000:])
+      self.assertNotIn('Traceback', stderr)
+      self.assertLen(_stderr_lines(stderr), 1, stderr[-3000:])
+      line = _stderr_lines(stderr)[0]
+      if line.endswith('nothing was written'):
+        self.assertRegex(line, r'^stopped by SIGINT (while starting|before the run began)')
+        self.assertFalse(os.path.exists(workdir))
+      else:
+        stopped_at = int(re.match(r'stopped by SIGINT at step (\d+) of 40; ', line).group(1))
+        self.assertEqual(_checkpoint_steps(workdir), [stopped_at])
+
+  def test_a_signal_while_the_first_step_compiles_saves_that_step(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    run = _Background(self.create_tempdir().full_path, *SMALL, f'--workdir={workdir}')
+    # The header's last line; the first step compiles next.
+    run.wait_for(lambda: 'starting at step 0 of 40' in run.stdout_so_far())
+    run.proc.send_signal(signal.SIGINT)
+    _, stderr = run.output()
+    self.assertEqual(run.proc.returncode, 130, stderr[-3000:])
+    self.assertNotIn('Traceback', stderr)
+    self.assertLen(_stderr_lines(stderr), 1, stderr[-3000:])
+    match = re.fullmatch(r'stopped by SIGINT at step (\d+) of 40; checkpoint in \S+; rerun the '
+                         r'same command to resume', _stderr_lines(stderr)[0])
+    self.assertIsNotNone(match, stderr)
+    self.assertEqual(_checkpoint_steps(workdir), [int(match.group(1))])
 
   def test_another_runs_config_is_refused_unless_overwrite(self):
     workdir = self._copy_of_reference()
