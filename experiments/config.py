@@ -51,6 +51,7 @@ class Config:
   augment: str = 'crop_flip'  # 'crop_flip', 'crop' (no mirror images) or 'none'.
   seed: int = 0
   eval_every: int = 1
+  log_every: Optional[int] = None  # Train metrics every N steps too (None: at epoch ends only).
   train_step: str = 'auto'  # 'fused', 'blockwise' (bwbpf only), or 'auto'.
   # Gradient checkpointing of every unit (partition.REMAT_POLICY), in any mode: the
   # same update with less activation memory, for one more forward pass per step.
@@ -254,6 +255,8 @@ def _validate(config: Config):
     raise UsageError(f'--pipeline_stages must be at least 1, got {config.pipeline_stages}')
   if config.max_steps is not None and config.max_steps < 1:
     raise UsageError(f'--max_steps must be at least 1, got {config.max_steps}')
+  if config.log_every is not None and config.log_every < 1:
+    raise UsageError(f'--log_every must be at least 1, got {config.log_every}')
   if config.stop_at_step is not None and config.stop_at_step < 1:
     raise UsageError(f'--stop_at_step must be at least 1, got {config.stop_at_step}')
   if not config.width > 0:

@@ -21,9 +21,10 @@ Quick runs: --max_steps=N trains N steps in all, with warm-up and decay fitted
 to them (a complete short run); --stop_at_step=N stops after N steps of the
 full schedule, and a rerun with a larger N (or without it) carries on.
 
-Output: every epoch a line of every block's loss and accuracy (blocks are
-numbered 1..K everywhere); while training, a progress bar on a terminal, and a
-progress line every --progress_seconds when stdout is a file.
+Output: every epoch (and every --log_every steps) a line of every block's loss
+and accuracy (blocks are numbered 1..K everywhere); while training, a progress
+bar with the time left on a terminal, and a progress line every
+--progress_seconds when stdout is a file.
 
     --checkpoint_every=N     save every N steps (0: only at the end and on a signal)
     --resume_from=previous   the checkpoint before the latest (if that one is corrupt),
@@ -50,8 +51,11 @@ Exit codes, each failure with one line on stderr:
     3    a block's loss became non-finite (block and step named; nothing after the
          last good checkpoint saved); rerun with --skip_nonfinite, or change the
          config with --overwrite
-    130  stopped by Ctrl-C (SIGINT) after saving a checkpoint; 143: by SIGTERM;
-    141  stopped because the output pipe closed (`... | head`), after saving a checkpoint
+    130  stopped by Ctrl-C (SIGINT); 143: by SIGTERM. Once the run has written its
+         workdir, after the step (or compilation) in progress and a checkpoint;
+         before, at once, writing nothing
+    141  stopped because the output pipe closed (`... | head`, `... 2>&1 | head`),
+         after saving a checkpoint
 (1 is left to Python itself: an uncaught exception, a bug to report.)
 """
 
@@ -135,6 +139,8 @@ flags.DEFINE_enum('augment', _UNSET, AUGMENTATIONS, 'Training augmentation: rand
                   'mirror images are other shapes; crop_flip otherwise).')
 flags.DEFINE_integer('seed', _UNSET, 'Seed of initialisation, shuffling and augmentation.')
 flags.DEFINE_integer('eval_every', _UNSET, 'Evaluate every N epochs (and at the end).')
+flags.DEFINE_integer('log_every', _UNSET, 'Log training metrics (metrics.jsonl, TensorBoard, '
+                     'the console) every N steps (default: at each epoch\'s end).')
 flags.DEFINE_enum('train_step', _UNSET, ('auto', 'fused', 'blockwise'),
                   'fused: one jitted step; blockwise: one jitted call per block (bwbpf; less '
                   'memory); auto: blockwise for bwbpf.')

@@ -97,8 +97,9 @@ def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
 class LoopState:
   """Where the loop is, beyond the block states; saved with every checkpoint.
 
-  `train_sums`/`train_count` hold the current epoch's metrics so far, so the
-  epoch's record is the same whether or not the run was resumed inside it.
+  `train_sums`/`train_count` hold the metrics since the last train record (at
+  an epoch's end or every `config.log_every` steps), so a record is the same
+  whether or not the run was resumed inside its span.
   """
   step: int = 0
   train_sums: Optional[dict] = None
@@ -262,6 +263,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     run.check_finite_params(states, loop.step)
     results = {
         'config': config.to_dict(),
+        'data': data_identity(dataset, config),
         'test_accuracy': float(test_metrics['accuracy'][-1]),
         'block_test_accuracy': test_metrics['accuracy'],
         'block_test_loss': test_metrics['loss'],
@@ -328,6 +330,12 @@ class _Run:
     """Seconds spent in the loop so far, counting the runs this one resumed."""
     return self.clock[0] + time.monotonic() - self.clock[1]
 
+  def record_due(self, step: int) -> bool:
+    """Training metrics are recorded at each epoch's end, the last step and every log_every."""
+    log_every = self.config.log_every
+    return (step % self.steps_per_epoch == 0 or step >= self.last_step
+            or (log_every is not None and step % log_every == 0))
+
   def checkpoint_due(self, step: int) -> bool:
     if step == 0:
       return False
@@ -393,10 +401,10 @@ class _Run:
         if stop.signum is not None and loop.step < last_step:
           self.stop(states, loop, stop.signum, progress)
         step = loop.step
-        # The epoch's records, once its last step (or the run's) is done. A run stopped
-        # by a signal right there writes them when it resumes.
-        if loop.train_count and (step % steps_per_epoch == 0 or step >= last_step):
-          train_metrics, evaluated = self.end_of_epoch(states, loop, writer, progress)
+        # The records, once the epoch's last step (or the run's, or a log_every's) is done.
+        # A run stopped by a signal right there writes them when it resumes.
+        if loop.train_count and self.record_due(step):
+          train_metrics, evaluated = self.write_records(states, loop, writer, progress)
           test_metrics = evaluated or test_metrics
         if step >= last_step:
           break
@@ -411,7 +419,7 @@ class _Run:
     return states, loop, train_metrics, test_metrics
 
   def train_segment(self, states, loop: LoopState, stop, progress):
-    """Steps until the epoch ends, a checkpoint is due, the run ends, or a signal comes."""
+    """Steps until a record or a checkpoint is due, the run ends, or a signal comes."""
     config, steps_per_epoch = self.config, self.steps_per_epoch
     epoch, epoch_step = divmod(loop.step, steps_per_epoch)
     batches = data.train_batches(
@@ -435,8 +443,8 @@ class _Run:
         pending = metrics
         elapsed = time.perf_counter() - segment_start if segment_start else 0.0
         progress.update(loop.step, epoch, segment_images / elapsed if elapsed else 0.0)
-        if (loop.step >= self.last_step or loop.step % steps_per_epoch == 0
-            or self.checkpoint_due(loop.step) or stop.signum is not None):
+        if (self.record_due(loop.step) or self.checkpoint_due(loop.step)
+            or stop.signum is not None):
           break
     # A pipelined engine finishes the micro-batches still in flight, so checkpoints,
     # evaluation and the next segment see well-defined states.
@@ -447,8 +455,9 @@ class _Run:
       loop.timed_images += segment_images + config.batch_size
     return states
 
-  def end_of_epoch(self, states, loop: LoopState, writer, progress):
-    """Writes the epoch's train record (and evaluates when due); resets the epoch's sums."""
+  def write_records(self, states, loop: LoopState, writer, progress):
+    """Writes the train record of the steps since the last one (and evaluates at an epoch's
+    end when due); resets the sums."""
     step, steps_per_epoch = loop.step, self.steps_per_epoch
     progress.clear()
     # Means over the record's steps, but 'skipped': the updates skipped in its span.
@@ -541,11 +550,47 @@ def _already_finished(workdir, step, last_step, log) -> dict:
       + (f', test accuracy {100 * results["test_accuracy"]:.2f}%'
          if isinstance(results.get('test_accuracy'), float) else ''))
   return results
-def _placement(engine: Engine) -> str:
-  """Where the step runs, named by --parallel's values (none, data, blocks)."""
+def _placement(engine: Engine, devices=None) -> str:
+  """Where the step runs: --parallel's value, the mesh and its devices.
+
+  E.g. '--parallel=blocks: mesh 2 data x 2 stage over 4 cpu devices (ids 0-3, 2 processes)'.
+  """
   if engine.name == 'none':
     return f'one {jax.default_backend()} device (--parallel=none)'
-  return f'--parallel={engine.name}: engine {engine.name} on {engine.num_devices} device(s)'
+  devices = list(devices if devices is not None else jax.devices())[:engine.num_devices]
+  mesh = ' x '.join(f'{size} {axis}' for axis, size in (engine.mesh_shape or {}).items())
+  platforms = '/'.join(sorted({device.platform for device in devices}))
+  text = (f'--parallel={engine.name}: mesh {mesh or engine.num_devices} over '
+          f'{len(devices)} {platforms} devices (ids {_ranges(d.id for d in devices)}')
+  processes = sorted({device.process_index for device in devices})
+  if len(processes) > 1:
+    text += f', {len(processes)} processes'
+  return text + ')'
+
+
+def _ranges(numbers) -> str:
+  """'0-3, 8, 10-11': sorted integers as runs."""
+  numbers = sorted(numbers)
+  runs = []
+  for number in numbers:
+    if runs and number == runs[-1][1] + 1:
+      runs[-1][1] = number
+    else:
+      runs.append([number, number])
+  return ', '.join(str(a) if a == b else f'{a}-{b}' for a, b in runs)
+
+
+def data_identity(dataset, config: Config) -> dict:
+  """What the run trained and tested on, for results.json: runs of other data never pool.
+
+  The folder is resolved (a symlink or a relative path names the same data); the
+  classes and image counts tell two copies of a dataset apart when a folder changed.
+  """
+  folder = config.data_dir and os.path.realpath(os.path.expanduser(config.data_dir))
+  return {'name': dataset.name, 'data_dir': folder or None,
+          'num_classes': dataset.num_classes, 'class_names': list(dataset.class_names),
+          'train_images': len(dataset.train_images), 'test_images': len(dataset.test_images),
+          'image_shape': list(dataset.image_shape)}
 
 
 def _describe_data(dataset, config: Config) -> str:

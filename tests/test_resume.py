@@ -303,6 +303,43 @@ class ResumeTest(absltest.TestCase):
     self.assertIsNotNone(match, stderr)
     self.assertEqual(_checkpoint_steps(workdir), [int(match.group(1))])
 
+  def test_stdout_and_stderr_into_a_pipe_that_closes_stop_with_a_checkpoint(self):
+    # `2>&1 | head`: the stop line itself cannot be printed, and the run still ends as with
+    # stdout alone: exit 141, a checkpoint at the stop step, the records up to it.
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    flags = (*SMALL, '--checkpoint_every=0', '--log_every=1', f'--workdir={workdir}')
+    command = (f'{sys.executable} -m experiments.main {" ".join(flags)} 2>&1 | head -n 12; '
+               f'exit "${{PIPESTATUS[0]}}"')
+    proc = subprocess.run(['bash', '-c', command], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': REPO}, timeout=300)
+    self.assertEqual(proc.returncode, 141, proc.stdout[-3000:])
+    self.assertLen(proc.stdout.splitlines(), 12)
+    (stopped_at,) = _checkpoint_steps(workdir)
+    self.assertGreater(stopped_at, 0)  # Step lines went through the pipe before it closed.
+    train_steps = [r['step'] for r in _metrics(workdir) if r['split'] == 'train']
+    self.assertEqual(train_steps, list(range(1, stopped_at + 1)))
+    proc = run_main(*flags)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn(f'resuming at step {stopped_at} of 40', proc.stdout)
+    self.assertEqual(_results(workdir)['params_digest'],
+                     self.reference_results['params_digest'])
+
+  def test_log_every_records_train_metrics_every_n_steps(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    proc = run_main(*SMALL[:-1], '--max_steps=6', '--log_every=2', f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    records = _metrics(workdir)
+    self.assertEqual([(r['split'], r['step']) for r in records],
+                     [('train', 2), ('train', 4), ('train', 6), ('test', 6)])
+    for step in (2, 4, 6):
+      self.assertRegex(proc.stdout, rf'epoch +{step / 22:.2f}  step +{step}  train loss \[')
+    # TensorBoard gets the same records.
+    from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+    events = glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))
+    steps = sorted({event.step for path in events for event in tf_train.summary_iterator(path)
+                    for value in event.summary.value if value.tag == 'train/loss/block1'})
+    self.assertEqual(steps, [2, 4, 6])
+
   def test_another_runs_config_is_refused_unless_overwrite(self):
     workdir = self._copy_of_reference()
     proc = run_main(*SMALL, '--lr=0.2', '--seed=3', f'--workdir={workdir}')
