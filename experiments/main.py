@@ -65,15 +65,24 @@ import sys
 from experiments import stopping
 
 
-def _exit_at_once(signum, frame):  # pylint: disable=unused-argument
-  """Until main() runs nothing is written: a signal ends the process here, with one line."""
-  sys.stdout.flush()
-  stopping.say(f'stopped by {stopping.signal_name(signum)} while starting; nothing was written')
-  os._exit(128 + signum)  # pylint: disable=protected-access
+def _exit_at_once(when: str):
+  """A signal handler that ends the process with one line: `stopped by SIGINT <when>`.
+
+  For the moments when nothing is being written: before main() runs (JAX imports)
+  and after the run has ended (Python's exit).
+  """
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    try:
+      sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+      pass
+    stopping.say(f'stopped by {stopping.signal_name(signum)} {when}')
+    os._exit(128 + signum)  # pylint: disable=protected-access
+  return handler
 
 
 if __name__ == '__main__':  # Ctrl-C while JAX imports: one line, not a traceback.
-  stopping.handle_stop_signals(_exit_at_once)
+  stopping.handle_stop_signals(_exit_at_once('while starting; nothing was written'))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import xla_defaults
@@ -314,7 +323,7 @@ def main(argv):
     exit_code = EXIT_NONFINITE
   finally:
     # Everything is written: a signal from here on (Python's exit) ends the process at once.
-    stopping.handle_stop_signals(_exit_at_once)
+    stopping.handle_stop_signals(_exit_at_once('while exiting, after the run had ended'))
   if exit_code is not None:
     sys.exit(exit_code)
 
