@@ -80,8 +80,9 @@ stays full between drains and pays its S - 1 ticks of fill and drain once
 (steps_run: every step run, warm-up included); for host_dispatch, which fills
 and drains every step, (K - 1) / (M + K - 1). `load_avg_1m` says how shared
 the machine was; above one per core, the line gets a `warning` and stderr a
-`warning:` line. A bad flag is one line on stderr and exit 2. A worker that fails gives one line on stderr naming the
-configuration and its last stderr line; the other workers are killed.
+`warning:` line. A bad flag is one line on stderr and exit 2. A worker that
+fails gives one line on stderr naming the configuration and its last stderr
+line; the other workers are killed.
 
     python -m benchmarks.parallel_bench --arch=resnet50 --width=0.25 --batch_size=64 \
         --microbatches=4 --project=4,8

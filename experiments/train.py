@@ -495,8 +495,9 @@ class _Run:
   def stop(self, states, loop: LoopState, signum: int, progress):
     progress.clear()
     path = self.save(states, loop)
-    raise Interrupted(f'stopped by {stopping.signal_name(signum)} at step {loop.step} of {self.last_step}; checkpoint '
-                      f'in {path}; rerun the same command to resume', signum)
+    raise Interrupted(f'stopped by {stopping.signal_name(signum)} at step {loop.step} of '
+                      f'{self.last_step}; checkpoint in {path}; rerun the same command to resume',
+                      signum)
 
 
 def _resume_step(manager, resume_from) -> Optional[int]:

@@ -1,4 +1,4 @@
-"""experiments.train's header: where the step runs (fast; the loop itself runs in test_resume.py)."""
+"""experiments.train's header: where the step runs (the loop itself: test_resume.py)."""
 
 import types
 
