@@ -15,7 +15,8 @@ the resident memory when the step is compiled and about to run (baseline,
 states, compiled programs, the compiler's and the allocator's leftovers); the
 peak above it is the step's own buffers.
 cpu_seconds_per_step (process CPU time over the timed steps) is steadier than
-images_per_sec on a shared CPU; load_avg_1m says how shared it was.
+images_per_sec on a shared CPU; load_avg_1m says how shared it was (above one
+per core, a `warning` field and a `warning:` line on stderr say so).
 
 `--aux_head` and `--local_loss` measure the step with another auxiliary network
 or loss (JAX only), so heads compare at equal compute: aux_flop_fraction is the
@@ -55,9 +56,9 @@ from experiments import xla_defaults
 xla_defaults.apply()  # Before JAX starts.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
 from absl import flags
 
+from benchmarks import command_line
 from benchmarks import harness
 
 FLAGS = flags.FLAGS
@@ -307,7 +308,7 @@ def _run_worker(mode: str, framework: str) -> int:
     print(f'error: {framework} {mode} worker failed: '
           f'{(proc.stderr.strip().splitlines() or ["no output"])[-1]}', file=sys.stderr)
     return 1
-  print(lines[-1], flush=True)
+  print(json.dumps(harness.warn_if_loaded(json.loads(lines[-1]))), flush=True)
   return 0
 
 
@@ -327,4 +328,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command_line.run(main)

@@ -44,9 +44,10 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
+from benchmarks import command_line
+from benchmarks import harness
 from benchmarks import processes
 
 FLAGS = flags.FLAGS
@@ -163,14 +164,11 @@ def measure(config: Configuration, root: str) -> dict:
   }
 
 
-def _usage_error(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+_usage_error = command_line.usage_error
 
 
 def main(argv):
-  if len(argv) > 1:
-    _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # command_line.run refuses extra arguments.
   try:
     chosen = [configuration(name, FLAGS.processes) for name in FLAGS.configs]
   except ValueError as error:
@@ -192,7 +190,8 @@ def main(argv):
               flush=True)
         failures += 1
         continue
-      print(json.dumps(line), flush=True)
+      line['load_avg_1m'] = os.getloadavg()[0]
+      print(json.dumps(harness.warn_if_loaded(line)), flush=True)
   sys.exit(1 if failures else 0)
 
 
@@ -221,4 +220,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  command_line.run(main)

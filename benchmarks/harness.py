@@ -9,7 +9,8 @@ function; later ones let allocators and oneDNN primitive caches settle), then
 the caller's `block`, e.g. `torch.cuda.synchronize`) before the clock stops:
 JAX dispatches asynchronously, so an unwaited call times only the dispatch.
 The median is the figure to quote: a shared CPU gives long outliers.
-`load_avg_1m` says how shared the machine was, and `peak_rss_bytes` is the
+`load_avg_1m` says how shared the machine was (`warn_if_loaded` flags a line
+timed at more than one per core), and `peak_rss_bytes` is the
 process's peak resident memory so far (runtime, compiled code and data
 included), which is why each measurement belongs in its own process.
 
@@ -126,6 +127,26 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
   timing, _ = time_steps(lambda _: fn(), None, steps=repeats, warmup=warmup, block=block,
                          clock=clock)
   return timing
+
+
+def load_warning(load_avg_1m: float, cores: Optional[int] = None) -> Optional[str]:
+  """A warning when the load average exceeded one per core (of `cores`, default all the
+  machine's), so other work took cores from the timing; None otherwise."""
+  cores = cores or os.cpu_count() or 1
+  if load_avg_1m <= cores:
+    return None
+  return (f'load average {load_avg_1m:.2f} on {cores} cores during timing (above one per '
+          f'core): other work shared the machine, so these times are slower than its own')
+
+
+def warn_if_loaded(line: dict, cores: Optional[int] = None, stream=None) -> dict:
+  """Adds `warning` to a benchmark's output `line` and says it on stderr when
+  `line['load_avg_1m']` was above one per core; returns the line."""
+  warning = load_warning(line['load_avg_1m'], cores)
+  if warning is not None:
+    line['warning'] = warning
+    print(f'warning: {warning}', file=stream or sys.stderr, flush=True)
+  return line
 
 
 def process_fields() -> dict:

@@ -25,13 +25,13 @@ from experiments import xla_defaults
 xla_defaults.apply()  # Before JAX starts.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
 from absl import flags
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import command_line
 from benchmarks import harness
 import bwbpf_jax as bw
 from bwbpf_jax import step as step_lib
@@ -150,7 +150,8 @@ def main(argv):
                                                        FLAGS.repeats)
       line['weight_grad_max_rel_diff'] = float(
           np.max(np.abs(jax_weight_grad - torch_weight_grad)) / np.max(np.abs(torch_weight_grad)))
-    print(json.dumps(line), flush=True)
+    line['load_avg_1m'] = os.getloadavg()[0]
+    print(json.dumps(harness.warn_if_loaded(line)), flush=True)
     lines.append(line)
   total_ms = {}
   for framework in frameworks:
@@ -168,4 +169,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  command_line.run(main)

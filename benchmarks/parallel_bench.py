@@ -79,8 +79,10 @@ pipeline was filled, (S - 1) / (steps_run x M + S - 1), since the pipeline
 stays full between drains and pays its S - 1 ticks of fill and drain once
 (steps_run: every step run, warm-up included); for host_dispatch, which fills
 and drains every step, (K - 1) / (M + K - 1). `load_avg_1m` says how shared
-the machine was. A worker that fails gives one line on stderr naming the
-configuration and its last stderr line; the other workers are killed.
+the machine was; above one per core, the line gets a `warning` and stderr a
+`warning:` line. A bad flag is one line on stderr and exit 2. A worker that
+fails gives one line on stderr naming the configuration and its last stderr
+line; the other workers are killed.
 
     python -m benchmarks.parallel_bench --arch=resnet50 --width=0.25 --batch_size=64 \
         --microbatches=4 --project=4,8
@@ -99,6 +101,8 @@ import tempfile
 from absl import app
 from absl import flags
 
+from benchmarks import command_line
+from benchmarks import harness
 from benchmarks import hlo
 from benchmarks import processes
 from benchmarks.processes import WorkerFailure
@@ -626,9 +630,9 @@ def main(argv):
     else:
       lines = [_config_line(config, measured, split_points, sync_ips, sync_full_ips)]
     for line in lines:
-      print(json.dumps(line), flush=True)
+      print(json.dumps(harness.warn_if_loaded(line)), flush=True)
   sys.exit(1 if failures else 0)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  command_line.run(main)

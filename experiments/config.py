@@ -111,6 +111,11 @@ class Config:
                          'other shapes), or none.', AUGMENTATIONS)
   seed: int = setting(0, 'training', 'Seed of initialisation, shuffling and augmentation.')
   eval_every: int = setting(1, 'training', 'Evaluate every N epochs (and at the end).')
+  # Train metrics every N steps too (None: at epoch ends only).
+  log_every: Optional[int] = setting(
+      None, 'training', 'Record training metrics (metrics.jsonl, TensorBoard, console) every N '
+      'steps as well as at each epoch\'s end; each record waits for the device, so a small N '
+      'costs some speed.')
   train_step: str = setting('auto', 'training', 'fused: one jitted step; blockwise: one jitted '
                             'call per block (bwbpf; less memory); auto: blockwise for bwbpf.',
                             TRAIN_STEPS)
@@ -389,7 +394,7 @@ def _validate(config: Config):
   for name in positive:
     if getattr(config, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
-  for name in ('pipeline_stages', 'max_steps', 'stop_at_step', 'image_size'):
+  for name in ('pipeline_stages', 'max_steps', 'stop_at_step', 'image_size', 'log_every'):
     if getattr(config, name) is not None and getattr(config, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(config, name)}')
   if not config.width > 0:

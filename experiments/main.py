@@ -26,9 +26,10 @@ Quick runs: --max_steps=N trains N steps in all, with warm-up and decay fitted
 to them (a complete short run); --stop_at_step=N stops after N steps of the
 full schedule, and a rerun with a larger N (or without it) carries on.
 
-Output: every epoch a line of every block's loss and accuracy (blocks are
-numbered 1..K everywhere); while training, a progress bar on a terminal, and a
-progress line every --progress_seconds when stdout is a file.
+Output: every epoch (and every --log_every steps) a line of every block's loss
+and accuracy (blocks are numbered 1..K everywhere); while training, a progress
+bar with the time left on a terminal, and a progress line every
+--progress_seconds when stdout is a file.
 
     --checkpoint_every=N     save every N steps (0: only at the end and on a signal)
     --resume_from=previous   the checkpoint before the latest (if that one is corrupt),
@@ -55,8 +56,11 @@ Exit codes, each failure with one line on stderr:
     3    a block's loss became non-finite (block and step named; nothing after the
          last good checkpoint saved); rerun with --skip_nonfinite, or change the
          config with --overwrite
-    130  stopped by Ctrl-C (SIGINT) after saving a checkpoint; 143: by SIGTERM;
-    141  stopped because the output pipe closed (`... | head`), after saving a checkpoint
+    130  stopped by Ctrl-C (SIGINT); 143: by SIGTERM. Once the run has written its
+         workdir, after the step (or compilation) in progress and a checkpoint;
+         before, at once, writing nothing
+    141  stopped because the output pipe closed (`... | head`, `... 2>&1 | head`),
+         after saving a checkpoint
 (1 is left to Python itself: an uncaught exception, a bug to report.)
 """
 
@@ -65,6 +69,29 @@ import os
 import sys
 import typing
 
+from experiments import stopping
+
+
+def _exit_at_once(when: str):
+  """A signal handler that ends the process with one line: `stopped by SIGINT <when>`.
+
+  For the moments when nothing is being written: before main() runs (JAX imports)
+  and after the run has ended (Python's exit).
+  """
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    try:
+      sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+      pass
+    stopping.say(f'stopped by {stopping.signal_name(signum)} {when}')
+    os._exit(128 + signum)  # pylint: disable=protected-access
+  return handler
+
+
+if __name__ == '__main__':  # Ctrl-C while JAX imports: one line, not a traceback.
+  stopping.handle_stop_signals(_exit_at_once('while starting; nothing was written'))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import xla_defaults
 
 xla_defaults.apply()  # Before JAX starts.
@@ -73,7 +100,6 @@ xla_defaults.apply()  # Before JAX starts.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -223,7 +249,7 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
+    stopping.say(f'error: {e}')
     sys.exit(EXIT_USAGE)
   except SystemExit as e:
     # absl's help flags print the help and exit 1; asking for help is not a failure.
@@ -261,10 +287,20 @@ def _quiet_closed_loop_callbacks():
   sys.unraisablehook = hook
 
 
+def _stop_now(signum, frame):  # pylint: disable=unused-argument
+  """A signal the run does not defer: before it writes its workdir, or a second one."""
+  name = stopping.signal_name(signum)
+  if stopping.run_started():
+    raise stopping.Interrupted(f'stopped at once by a second {name}, without a checkpoint of '
+                               f'this step; rerun the same command to resume from the last '
+                               f'checkpoint', signum)
+  raise stopping.Interrupted(f'stopped by {name} before the run began writing its workdir; '
+                             f'nothing was written', signum)
+
+
 def main(argv):
   if len(argv) > 1:
-    print(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)',
-          file=sys.stderr)
+    stopping.say(f'error: unexpected arguments {argv[1:]} (flags look like --name=value)')
     sys.exit(EXIT_USAGE)
   if FLAGS.list_presets:
     _exit_quietly_if_output_closed(lambda: print('\n'.join(config_lib.describe_presets())))
@@ -275,6 +311,10 @@ def main(argv):
   _quiet_closed_loop_callbacks()
   from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
+  # Signals now unwind (the workdir lock removes what it created); once the run writes its
+  # workdir, train defers them to the end of a step and saves a checkpoint.
+  stopping.handle_stop_signals(_stop_now)
+  exit_code = None
   try:
     multi_process = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if any(value is not None for value in multi_process):
@@ -292,14 +332,20 @@ def main(argv):
                              resume_from=FLAGS.resume_from, overwrite=FLAGS.overwrite,
                              progress_seconds=FLAGS.progress_seconds)
   except bwbpf_jax.UsageError as e:
-    print(f'error: {config_lib.as_flags(str(e))}', file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    stopping.say(f'error: {config_lib.as_flags(str(e))}')
+    exit_code = EXIT_USAGE
+  except stopping.Interrupted as e:
+    # stderr may be the pipe that closed (`2>&1 | head`): say() then drops the line.
+    stopping.say(str(e))
+    exit_code = 128 + e.signum  # The shell's code for a process a signal ended (141: SIGPIPE).
   except train.NonFiniteError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_NONFINITE)
-  except train.Interrupted as e:
-    print(e, file=sys.stderr)
-    sys.exit(128 + e.signum)  # The shell's code for a process a signal ended (141: SIGPIPE).
+    stopping.say(f'error: {e}')
+    exit_code = EXIT_NONFINITE
+  finally:
+    # Everything is written: a signal from here on (Python's exit) ends the process at once.
+    stopping.handle_stop_signals(_exit_at_once('while exiting, after the run had ended'))
+  if exit_code is not None:
+    sys.exit(exit_code)
 
 
 if __name__ == '__main__':

@@ -1,27 +1,36 @@
-r"""Tabulates finished runs: one markdown row per configuration, means over seeds.
+r"""Tabulates finished runs: one row per configuration, means over seeds.
 
     python -m experiments.summarize runs            # every results.json under runs/, any depth
     python -m experiments.summarize runs/a runs/b/seed*
+    python -m experiments.summarize --format=csv runs > runs.csv     # or json, for plotting
 
 Reads every results.json found at any depth under the folders given (or the
-files themselves). Runs that differ only in --seed share a row, which reports
-the mean and the per-run values of the output head's test error, and per-run
-wall time and throughput (which depend on how busy the machine was). Runs that
-differ in any other setting (--parallel, --auglocal_depth, --split_by, --remat,
-...) get rows of their own.
+files themselves). Runs share a row only when everything that decides their
+result is equal but the seed: every config field (but --eval_every and
+--log_every, which change nothing computed), the placement and the data. The
+data is results.json's 'data' (the dataset, its resolved folder, class names
+and image counts; older results: the dataset and --data_dir), so runs of two
+image folders never pool, whatever their flags. A row reports the mean and the
+per-run values of the output head's test error, and per-run wall time and
+throughput (which depend on how busy the machine was).
 
 What a row shows is what ran, read from results.json rather than from the
 flags: K is the number of blocks that trained, the length column is the steps
 of a --max_steps (or --stop_at_step) run and the epochs otherwise, and the seeds
 column lists each run's seed, so two runs of one seed read `0, 0` (or
 `0 (2 identical runs)` when their parameters are bitwise equal), never as two
-seeds. Percentages of FLOPs keep two significant digits in every row.
+seeds. Beyond the fixed columns, a 'data' column and one column per setting
+(lr, optimizer, ...) appear when they differ between rows. Percentages of
+FLOPs keep two significant digits in every row. --format=csv and =json give the
+same rows with numbers as numbers (lists: one value per run, or per block).
 
 Exit codes: 0 a table printed (also --help), 2 no results.json found.
 """
 
 import argparse
 import collections
+import csv
+import io
 import json
 import os
 import sys
@@ -31,8 +40,16 @@ import numpy as np
 from experiments import config as config_lib
 
 RESULTS_FILE = 'results.json'
-# Fields that change nothing the run computes; every other config field separates rows.
-_NOT_COMPUTED = ('seed', 'data_dir')
+# Config fields that do not separate rows: the seed (pooled), what changes nothing the run
+# computes, and the data folder (results.json's 'data', the dataset's identity, does).
+_NOT_COMPUTED = ('seed', 'data_dir', 'eval_every', 'log_every')
+# Config fields the fixed columns show; any other field that differs gets a column.
+_SHOWN = ('dataset', 'arch', 'width', 'mode', 'num_blocks', 'split_by', 'aux_head',
+          'auglocal_depth', 'local_loss', 'batch_size', 'microbatches')
+# rows()' keys that the markdown table shows in columns of their own.
+_MARKDOWN = ('dataset', 'data', 'arch', 'mode', 'K', 'head', 'length', 'batch', 'engine')
+_RUN_VALUES = ('seeds', 'seeds_text', 'test_error_pct_mean', 'test_error_pct',
+               'head_test_acc_pct_mean', 'wall_time_s', 'images_per_sec')
 
 
 def _config(run) -> dict:
@@ -120,22 +137,62 @@ def _seeds(group) -> str:
   return ', '.join(parts)
 
 
-def table(runs) -> str:
-  """One markdown row per configuration (seeds pooled), per-run values in brackets."""
+def _data_key(run) -> str:
+  """The data a run used, as results.json records it (older results: the dataset and folder)."""
+  if run.get('data') is not None:
+    return json.dumps(run['data'], sort_keys=True)
+  config = run['config']
+  folder = config.get('data_dir') and os.path.normpath(os.path.expanduser(config['data_dir']))
+  return json.dumps({'name': config['dataset'], 'data_dir': folder or None}, sort_keys=True)
+
+
+def _describe_data(key: str, full_path: bool = False) -> str:
+  """'cats (2 classes, 8 / 4 images)': the folder and what the run found in it."""
+  data = json.loads(key)
+  folder = data.get('data_dir')
+  text = (folder if full_path else os.path.basename(folder)) if folder else data['name']
+  if data.get('num_classes') is not None:
+    text += (f' ({data["num_classes"]} classes, {data["train_images"]} / '
+             f'{data["test_images"]} images)')
+  return text
+
+
+def _value(value) -> str:
+  if value is None:
+    return '-'
+  if isinstance(value, (list, tuple)):
+    return ','.join(map(str, value))
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def _groups(runs) -> list:
+  """Runs that computed the same thing on the same data, seeds pooled: a list of lists."""
   groups = collections.OrderedDict()
-  for run in sorted(runs, key=lambda r: (tuple(map(str, _seed_free(r))), _engine(r),
-                                         r['config']['seed'])):
-    groups.setdefault((_seed_free(run), _engine(run), _length(run)), []).append(run)
-  lines = ['| dataset | arch | mode | K | head | length | batch | engine | seeds '
-           '| test error % (mean; per run) | every head\'s test acc % (mean over runs) '
-           '| wall time s (per run) | train img/s (per run) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for (_, engine, length), group in groups.items():
-    config = _config(group[0])
+  for run in sorted(runs, key=lambda r: (tuple(map(str, _seed_free(r))), _data_key(r),
+                                         _engine(r), r['config']['seed'])):
+    key = (_seed_free(run), _data_key(run), _engine(run), _length(run))
+    groups.setdefault(key, []).append(run)
+  return list(groups.values())
+
+
+def rows(runs) -> list:
+  """One dict per configuration, columns in table order: what a row shows, as plain values.
+
+  Lists hold one value per run (seeds, test errors, wall times, images/s) or per
+  block (head accuracies). A 'data' key and one key per other setting appear only
+  when they differ between rows.
+  """
+  groups = _groups(runs)
+  data_keys = [_data_key(group[0]) for group in groups]
+  show_data = len(set(data_keys)) > 1
+  full_path = len({_describe_data(k) for k in set(data_keys)}) < len(set(data_keys))
+  configs = [_config(group[0]) for group in groups]
+  differing = [name for name in config_lib.FIELD_NAMES
+               if name not in _NOT_COMPUTED + _SHOWN
+               and len({json.dumps(config[name]) for config in configs}) > 1]
+  records = []
+  for group, config, data_key in zip(groups, configs, data_keys):
     errors = [100 * (1 - r['test_accuracy']) for r in group]
-    heads = np.mean([r['block_test_accuracy'] for r in group], axis=0) * 100
-    per_run = lambda name, fmt: ', '.join('-' if r.get(name) is None else fmt.format(r[name])
-                                          for r in group)
     head = config['aux_head'] + ('' if config['auglocal_depth'] == 2 or
                                  config['aux_head'] != 'auglocal' else
                                  f' depth {config["auglocal_depth"]}')
@@ -144,24 +201,84 @@ def table(runs) -> str:
                                           f' (by {config["split_by"]})')
     if group[0].get('aux_flop_fraction') is not None:
       head += f' ({percent(100 * group[0]["aux_flop_fraction"])}% FLOPs)'
-    lines.append(
-        f'| {config["dataset"]} | {config["arch"]} x{config["width"]} | {config["mode"]} | '
-        f'{blocks} | {head} | {length} | {config["batch_size"]} | {engine} | '
-        f'{_seeds(group)} | '
-        f'{np.mean(errors):.2f} ({", ".join(f"{e:.2f}" for e in errors)}) | '
-        f'{" / ".join(f"{h:.1f}" for h in heads)} | {per_run("wall_time_s", "{:.0f}")} | '
-        f'{per_run("images_per_sec", "{:.0f}")} |')
+    record = {'dataset': config['dataset']}
+    if show_data:
+      record['data'] = _describe_data(data_key, full_path)
+    record.update({
+        'arch': f'{config["arch"]} x{config["width"]:g}', 'mode': config['mode'], 'K': blocks,
+        'head': head, 'length': _length(group[0]), 'batch': config['batch_size'],
+        'engine': _engine(group[0])})
+    record.update({name: config[name] for name in differing})
+    record.update({
+        'seeds': [r['config']['seed'] for r in group],
+        'seeds_text': _seeds(group),
+        'test_error_pct_mean': float(np.mean(errors)),
+        'test_error_pct': errors,
+        'head_test_acc_pct_mean': [float(h) for h in np.mean(
+            [r['block_test_accuracy'] for r in group], axis=0) * 100],
+        'wall_time_s': [r.get('wall_time_s') for r in group],
+        'images_per_sec': [r.get('images_per_sec') for r in group]})
+    records.append(record)
+  return records
+
+
+def table(runs) -> str:
+  """One markdown row per configuration (seeds pooled), per-run values in brackets."""
+  records = rows(runs)
+  settings = [key for key in (records[0] if records else {})
+              if key not in _MARKDOWN and key not in _RUN_VALUES]
+  columns = ['dataset', *(['data'] if records and 'data' in records[0] else []), 'arch',
+             'mode', 'K', 'head', 'length', 'batch', 'engine', *settings]
+  headers = [*columns, 'seeds',
+             'test error % (mean; per run)', 'every head\'s test acc % (mean over runs)',
+             'wall time s (per run)', 'train img/s (per run)']
+  per_run = lambda values, fmt: ', '.join('-' if v is None else fmt.format(v) for v in values)
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  for record in records:
+    cells = [_value(record[name]) for name in columns] + [
+        record['seeds_text'],
+        f'{record["test_error_pct_mean"]:.2f} '
+        f'({", ".join(f"{e:.2f}" for e in record["test_error_pct"])})',
+        ' / '.join(f'{h:.1f}' for h in record['head_test_acc_pct_mean']),
+        per_run(record['wall_time_s'], '{:.0f}'), per_run(record['images_per_sec'], '{:.0f}')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
+
+
+def as_csv(runs) -> str:
+  """rows() as CSV: one line per configuration; a list's values are separated by spaces."""
+  records = [{key: value for key, value in record.items() if key != 'seeds_text'}
+             for record in rows(runs)]
+  out = io.StringIO()
+  if records:
+    writer = csv.DictWriter(out, fieldnames=list(records[0]), lineterminator='\n')
+    writer.writeheader()
+    for record in records:
+      writer.writerow({key: ' '.join('' if v is None else str(v) for v in value)
+                       if isinstance(value, list) else ('' if value is None else value)
+                       for key, value in record.items()})
+  return out.getvalue().rstrip('\n')
+
+
+def as_json(runs) -> str:
+  """rows() as a JSON list, one object per configuration."""
+  return json.dumps([{key: value for key, value in record.items() if key != 'seeds_text'}
+                     for record in rows(runs)], indent=1)
+
+
+FORMATS = {'markdown': table, 'csv': as_csv, 'json': as_json}
 
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m experiments.summarize',
-      description='A markdown table of finished runs: one row per configuration, seeds '
+      description='A table of finished runs: one row per configuration, seeds '
                   'pooled. Reads every results.json at any depth under the folders given.',
       epilog='Exit codes: 0 a table printed, 2 no results.json found (or a bad argument).')
   parser.add_argument('paths', nargs='+', metavar='FOLDER',
                       help='run folders, or folders holding them at any depth (e.g. runs)')
+  parser.add_argument('--format', choices=tuple(FORMATS), default='markdown',
+                      help='markdown (default), or csv or json for plotting')
   return parser
 
 
@@ -172,7 +289,7 @@ def main(argv) -> int:
     print(f'error: no {RESULTS_FILE} at any depth under {", ".join(args.paths)}',
           file=sys.stderr)
     return 2
-  print(table(runs))
+  print(FORMATS[args.format](runs))
   return 0
 
 

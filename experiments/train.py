@@ -31,8 +31,12 @@ last checkpoint:
   `NonFiniteError` naming the block and step, without saving anything after the
   last good checkpoint; with `config.skip_nonfinite` the block's update is
   skipped instead and counted (metrics 'skipped', results 'skipped_updates').
-- SIGINT and SIGTERM finish the current step, save a checkpoint and raise
-  `Interrupted`; a second signal acts as it normally would. With several
+- From the first file written to the workdir, SIGINT, SIGTERM and a closed
+  stdout pipe finish the current step (a compilation in progress included),
+  save a checkpoint and raise `Interrupted` (see experiments/stopping.py);
+  before that they act as they normally would, and a second signal acts at
+  once. A signal after the last step lets the run complete, then raises
+  `Interrupted` too. With several
   processes every one saves (orbax saves collectively), so all must get the
   signal between the same two steps; orbax's preemption sync point
   (`CheckpointManager.reached_preemption`) is not wired in yet.
@@ -45,9 +49,6 @@ write still in flight.
 import dataclasses
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from typing import Optional
 
@@ -58,6 +59,7 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import checkpoint
 from bwbpf_jax import data
+from experiments import stopping
 from experiments import writers
 from experiments.config import Config
 from experiments.engine import Engine, make_engine, optimizer_steps_per_batch
@@ -69,12 +71,9 @@ class NonFiniteError(Exception):
   """A block's loss or parameters stopped being finite; nothing after that was saved."""
 
 
-class Interrupted(Exception):
-  """SIGINT or SIGTERM stopped the run after saving a checkpoint."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.signum = signum
+# SIGINT, SIGTERM or a closed output pipe stopped the run (after saving a checkpoint
+# once the run had begun writing its workdir).
+Interrupted = stopping.Interrupted
 
 
 def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
@@ -98,8 +97,9 @@ def evaluate(engine: Engine, states, dataset, config: Config, mean, std,
 class LoopState:
   """Where the loop is, beyond the block states; saved with every checkpoint.
 
-  `train_sums`/`train_count` hold the current epoch's metrics so far, so the
-  epoch's record is the same whether or not the run was resumed inside it.
+  `train_sums`/`train_count` hold the metrics since the last train record (at
+  an epoch's end or every `config.log_every` steps), so a record is the same
+  whether or not the run was resumed inside its span.
   """
   step: int = 0
   train_sums: Optional[dict] = None
@@ -154,8 +154,9 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
     overwrite: delete the run files of whatever run `workdir` holds and start afresh.
     progress_seconds: when stdout is not a terminal, a progress line this often.
     network: a `bw.Network` to train instead of the one `config.arch` names
-      (from Python, e.g. a notebook); `config.arch` should then name it (its
-      `name`), since the workdir's stored config is what a rerun must match.
+      (from Python, e.g. a notebook); `config.arch` should then name where it
+      comes from ('package.module:function'), since the workdir's stored config is
+      what a rerun must match.
 
   Raises:
     bw.UsageError: another run's config in workdir, another run using it, an
@@ -168,10 +169,12 @@ def train_and_evaluate(config: Config, workdir: str, log=print, *,
     raise bw.UsageError(f'--checkpoint_every must be 0 or more, got {checkpoint_every}')
   # The chief writes the workdir's files, so it alone holds the lock.
   lock = WorkdirLock(workdir) if is_chief else None
+  stop_signals = stopping.StopSignals()
   try:
     return _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from,
-                               overwrite, progress_seconds, network)
+                               overwrite, progress_seconds, stop_signals, network)
   finally:
+    stop_signals.restore()
     if lock is not None:
       lock.release()
 
@@ -193,12 +196,11 @@ def _network(config: Config, network, stem: str) -> bw.Network:
 
 
 def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_from, overwrite,
-                        progress_seconds, network) -> dict:
+                        progress_seconds, stop_signals, network) -> dict:
   """train_and_evaluate, holding the workdir."""
   wall_start = time.time()
   is_chief = jax.process_index() == 0
   log = log if is_chief else (lambda *args, **kwargs: None)
-  stop_signals = _StopSignals()
   log = stop_signals.guard_output(log)
   check_workdir(config, workdir, overwrite)
   dataset = data.load_dataset(config.dataset, config.data_dir, image_size=config.image_size)
@@ -240,6 +242,9 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
 
   # Checks the device setup before anything is saved.
   engine = make_engine(config, model, tx, image_shape)
+  # From the first file written, a signal stops the run between steps, after a checkpoint
+  # (until here it stops the run at once, and the lock removes what it created).
+  stop_signals.defer()
   if is_chief:  # The run starts: from here on the workdir is its.
     write_workdir(config, workdir, overwrite, log)
     lock.keep()
@@ -284,6 +289,7 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
     run.check_finite_params(states, loop.step)
     results = {
         'config': config.to_dict(),
+        'data': data_identity(dataset, config),
         'test_accuracy': float(test_metrics['accuracy'][-1]),
         'block_test_accuracy': test_metrics['accuracy'],
         'block_test_loss': test_metrics['loss'],
@@ -320,6 +326,10 @@ def _train_and_evaluate(config, workdir, log, lock, checkpoint_every, resume_fro
   log(f'test accuracy {100 * results["test_accuracy"]:.2f}% (output head); every head: '
       f'{writers.format_blocks(100 * np.asarray(test_metrics["accuracy"]), "{:.1f}")}; '
       f'results in {workdir}')
+  if stop_signals.signum is not None:  # It came after the last step: the run is complete.
+    raise Interrupted(f'stopped by {stopping.signal_name(stop_signals.signum)} after the last '
+                      f'step ({loop.step}); the run is complete, results in {workdir}',
+                      stop_signals.signum)
   return results
 
 
@@ -345,6 +355,12 @@ class _Run:
   def elapsed(self) -> float:
     """Seconds spent in the loop so far, counting the runs this one resumed."""
     return self.clock[0] + time.monotonic() - self.clock[1]
+
+  def record_due(self, step: int) -> bool:
+    """Training metrics are recorded at each epoch's end, the last step and every log_every."""
+    log_every = self.config.log_every
+    return (step % self.steps_per_epoch == 0 or step >= self.last_step
+            or (log_every is not None and step % log_every == 0))
 
   def checkpoint_due(self, step: int) -> bool:
     if step == 0:
@@ -405,31 +421,31 @@ class _Run:
                                 enabled=self.is_chief, interval_s=self.progress_seconds,
                                 log=self.log)
     train_metrics = test_metrics = None
+    stop = self.stop_signals
     try:
-      with self.stop_signals as stop:
-        while True:
-          if stop.signum is not None and loop.step < last_step:
-            self.stop(states, loop, stop.signum, progress)
-          step = loop.step
-          # The epoch's records, once its last step (or the run's) is done. A run stopped
-          # by a signal right there writes them when it resumes.
-          if loop.train_count and (step % steps_per_epoch == 0 or step >= last_step):
-            train_metrics, evaluated = self.end_of_epoch(states, loop, writer, progress)
-            test_metrics = evaluated or test_metrics
-          if step >= last_step:
-            break
-          if self.checkpoint_due(step):
-            self.save(states, loop)
-          if stop.signum is not None:
-            self.stop(states, loop, stop.signum, progress)
-          states = self.train_segment(states, loop, stop, progress)
+      while True:
+        if stop.signum is not None and loop.step < last_step:
+          self.stop(states, loop, stop.signum, progress)
+        step = loop.step
+        # The records, once the epoch's last step (or the run's, or a log_every's) is done.
+        # A run stopped by a signal right there writes them when it resumes.
+        if loop.train_count and self.record_due(step):
+          train_metrics, evaluated = self.write_records(states, loop, writer, progress)
+          test_metrics = evaluated or test_metrics
+        if step >= last_step:
+          break
+        if self.checkpoint_due(step):
+          self.save(states, loop)
+        if stop.signum is not None:
+          self.stop(states, loop, stop.signum, progress)
+        states = self.train_segment(states, loop, stop, progress)
     finally:
       progress.close()
       writer.close()
     return states, loop, train_metrics, test_metrics
 
   def train_segment(self, states, loop: LoopState, stop, progress):
-    """Steps until the epoch ends, a checkpoint is due, the run ends, or a signal comes."""
+    """Steps until a record or a checkpoint is due, the run ends, or a signal comes."""
     config, steps_per_epoch = self.config, self.steps_per_epoch
     epoch, epoch_step = divmod(loop.step, steps_per_epoch)
     batches = data.train_batches(
@@ -453,8 +469,8 @@ class _Run:
         pending = metrics
         elapsed = time.perf_counter() - segment_start if segment_start else 0.0
         progress.update(loop.step, epoch, segment_images / elapsed if elapsed else 0.0)
-        if (loop.step >= self.last_step or loop.step % steps_per_epoch == 0
-            or self.checkpoint_due(loop.step) or stop.signum is not None):
+        if (self.record_due(loop.step) or self.checkpoint_due(loop.step)
+            or stop.signum is not None):
           break
     # A pipelined engine finishes the micro-batches still in flight, so checkpoints,
     # evaluation and the next segment see well-defined states.
@@ -465,8 +481,9 @@ class _Run:
       loop.timed_images += segment_images + config.batch_size
     return states
 
-  def end_of_epoch(self, states, loop: LoopState, writer, progress):
-    """Writes the epoch's train record (and evaluates when due); resets the epoch's sums."""
+  def write_records(self, states, loop: LoopState, writer, progress):
+    """Writes the train record of the steps since the last one (and evaluates at an epoch's
+    end when due); resets the sums."""
     step, steps_per_epoch = loop.step, self.steps_per_epoch
     progress.clear()
     # Means over the record's steps, but 'skipped': the updates skipped in its span.
@@ -504,64 +521,9 @@ class _Run:
   def stop(self, states, loop: LoopState, signum: int, progress):
     progress.clear()
     path = self.save(states, loop)
-    name = signal.Signals(signum).name
-    if signum == signal.SIGPIPE:
-      name += ' (the output pipe closed)'
-    raise Interrupted(f'stopped by {name} at step {loop.step} of {self.last_step}; checkpoint '
-                      f'in {path}; rerun the same command to resume', signum)
-
-
-class _StopSignals:
-  """Turns SIGINT, SIGTERM and a closed stdout pipe into a flag (`signum`) checked between steps.
-
-  The first signal only sets the flag, so the loop can finish its step and save;
-  the handler then puts the previous one back, so a second signal acts at once
-  (Ctrl-C twice raises KeyboardInterrupt). Outside the main thread, where Python
-  cannot install handlers, signals keep their usual meaning.
-
-  A closed output pipe (`python -m experiments.main | head -1`) is the same
-  request to stop: Python ignores SIGPIPE, so the next print raises
-  BrokenPipeError instead; `guard_output` catches it there and sets the flag to
-  SIGPIPE, and the run saves a checkpoint and stops like a signalled one.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self.output_closed = False
-    self._previous = {}
-
-  def guard_output(self, log):
-    """`log`, except that a write to a closed stdout pipe asks the loop to stop."""
-    def guarded_log(*args, **kwargs):
-      if self.output_closed:
-        return
-      try:
-        log(*args, **kwargs)
-        sys.stdout.flush()
-      except BrokenPipeError:
-        self.output_closed = True
-        # Later prints, and Python's flush at exit, then go nowhere instead of failing.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        if self.signum is None:
-          self.signum = signal.SIGPIPE
-    return guarded_log
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGINT, signal.SIGTERM):
-        previous = signal.signal(signum, self._handle)
-        self._previous[signum] = signal.SIG_DFL if previous is None else previous
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.signum = signum
-    signal.signal(signum, self._previous[signum])
-
-  def __exit__(self, *exc_info):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+    raise Interrupted(f'stopped by {stopping.signal_name(signum)} at step {loop.step} of '
+                      f'{self.last_step}; checkpoint in {path}; rerun the same command to resume',
+                      signum)
 
 
 def _resume_step(manager, resume_from) -> Optional[int]:
@@ -615,11 +577,47 @@ def _already_finished(workdir, step, last_step, log) -> dict:
       + (f', test accuracy {100 * results["test_accuracy"]:.2f}%'
          if isinstance(results.get('test_accuracy'), float) else ''))
   return results
-def _placement(engine: Engine) -> str:
-  """Where the step runs, named by --parallel's values (none, data, blocks)."""
+def _placement(engine: Engine, devices=None) -> str:
+  """Where the step runs: --parallel's value, the mesh and its devices.
+
+  E.g. '--parallel=blocks: mesh 2 data x 2 stage over 4 cpu devices (ids 0-3, 2 processes)'.
+  """
   if engine.name == 'none':
     return f'one {jax.default_backend()} device (--parallel=none)'
-  return f'--parallel={engine.name}: engine {engine.name} on {engine.num_devices} device(s)'
+  devices = list(devices if devices is not None else jax.devices())[:engine.num_devices]
+  mesh = ' x '.join(f'{size} {axis}' for axis, size in (engine.mesh_shape or {}).items())
+  platforms = '/'.join(sorted({device.platform for device in devices}))
+  text = (f'--parallel={engine.name}: mesh {mesh or engine.num_devices} over '
+          f'{len(devices)} {platforms} devices (ids {_ranges(d.id for d in devices)}')
+  processes = sorted({device.process_index for device in devices})
+  if len(processes) > 1:
+    text += f', {len(processes)} processes'
+  return text + ')'
+
+
+def _ranges(numbers) -> str:
+  """'0-3, 8, 10-11': sorted integers as runs."""
+  numbers = sorted(numbers)
+  runs = []
+  for number in numbers:
+    if runs and number == runs[-1][1] + 1:
+      runs[-1][1] = number
+    else:
+      runs.append([number, number])
+  return ', '.join(str(a) if a == b else f'{a}-{b}' for a, b in runs)
+
+
+def data_identity(dataset, config: Config) -> dict:
+  """What the run trained and tested on, for results.json: runs of other data never pool.
+
+  The folder is resolved (a symlink or a relative path names the same data); the
+  classes and image counts tell two copies of a dataset apart when a folder changed.
+  """
+  folder = config.data_dir and os.path.realpath(os.path.expanduser(config.data_dir))
+  return {'name': dataset.name, 'data_dir': folder or None,
+          'num_classes': dataset.num_classes, 'class_names': list(dataset.class_names),
+          'train_images': len(dataset.train_images), 'test_images': len(dataset.test_images),
+          'image_shape': list(dataset.image_shape)}
 
 
 def _describe_data(dataset, config: Config) -> str:

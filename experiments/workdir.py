@@ -28,11 +28,11 @@ LOCK_FILE = '.lock'
 # What a run writes in its workdir; --overwrite removes these and nothing else.
 RUN_FILES = (CHECKPOINT_DIR, CONFIG_FILE, writers.METRICS_FILE, writers.RESULTS_FILE,
              writers.PLOT_FILE, 'tensorboard')
-# Config fields a rerun may change and still resume: they decide when the run stops
-# and evaluates, not what a step computes (skip_nonfinite changes nothing while the
+# Config fields a rerun may change and still resume: they decide when the run stops,
+# evaluates and logs, not what a step computes (skip_nonfinite changes nothing while the
 # losses are finite, and a run that met a non-finite loss stopped there). max_steps
 # is not one: the learning-rate schedule is fitted to it.
-RESUMABLE_FIELDS = ('stop_at_step', 'eval_every', 'skip_nonfinite')
+RESUMABLE_FIELDS = ('stop_at_step', 'eval_every', 'log_every', 'skip_nonfinite')
 
 
 class WorkdirLock:

@@ -151,7 +151,8 @@ def _duration(seconds: float) -> str:
 class Progress:
   """Where the run is, while it trains.
 
-  On a terminal (stderr), a one-line bar redrawn in place. When stdout is not a
+  On a terminal (stderr), a one-line bar redrawn in place, with the time left.
+  When stdout is not a
   terminal (a cluster job's log file), a line every `interval_s` seconds:
   `progress: step 120/440 (epoch 2.73), 912 img/s, 0:00:17 elapsed, about 0:00:35 left`.
   The lines come from a background thread, so they keep coming while a step
@@ -190,9 +191,25 @@ class Progress:
       return
     self._last_draw = now
     done = int(30 * step / max(1, self.total_steps))
+    left = self.seconds_left()
     self.stream.write(f'\r epoch {epoch + 1} [{"#" * done}{"." * (30 - done)}] '
-                      f'step {step}/{self.total_steps}  {images_per_sec:7.1f} img/s ')
+                      f'step {step}/{self.total_steps}  {images_per_sec:7.1f} img/s  '
+                      f'{"?" if left is None else _duration(left)} left ')
     self.stream.flush()
+
+  def steps_per_sec(self):
+    """Steps a second since the first timed step (None before two timed steps)."""
+    step = self._step or 0
+    if self._timed is None or step <= self._timed[0] or self._step_time <= self._timed[1]:
+      return None
+    return (step - self._timed[0]) / (self._step_time - self._timed[1])
+
+  def seconds_left(self):
+    """The time the remaining steps take at the rate so far (None: no rate yet)."""
+    steps_per_sec = self.steps_per_sec()
+    if steps_per_sec is None:
+      return None
+    return (self.total_steps - (self._step or 0)) / steps_per_sec
 
   def line(self) -> str:
     """The log line for now."""
@@ -200,11 +217,11 @@ class Progress:
     step = self._step or 0
     text = (f'progress: step {step}/{self.total_steps} '
             f'(epoch {step / self.steps_per_epoch:.2f})')
-    if self._timed is not None and step > self._timed[0] and self._step_time > self._timed[1]:
-      steps_per_sec = (step - self._timed[0]) / (self._step_time - self._timed[1])
+    steps_per_sec = self.steps_per_sec()
+    if steps_per_sec is not None:
       text += (f', {steps_per_sec * self.batch_size:.0f} img/s, '
                f'{_duration(now - self._start)} elapsed, about '
-               f'{_duration((self.total_steps - step) / steps_per_sec)} left')
+               f'{_duration(self.seconds_left())} left')
     else:
       text += f', {_duration(now - self._start)} elapsed'
     return text
@@ -215,7 +232,7 @@ class Progress:
 
   def clear(self):
     if self.enabled:
-      self.stream.write('\r' + ' ' * 90 + '\r')
+      self.stream.write('\r' + ' ' * 100 + '\r')
       self.stream.flush()
 
   def close(self):

@@ -1,5 +1,6 @@
 """The benchmarks' one timing routine, on stub workloads (no JAX, no timing asserts)."""
 
+import io
 import json
 import os
 import subprocess
@@ -74,6 +75,22 @@ class TimeStepsTest(absltest.TestCase):
     self.assertLess(current, peak)  # The array was freed; the peak remembers it.
     self.assertFalse(jax_loaded)
     self.assertGreaterEqual(load, 0.0)
+
+
+class LoadWarningTest(absltest.TestCase):
+
+  def test_a_load_above_one_per_core_is_a_warning_in_the_line_and_on_stderr(self):
+    self.assertIsNone(harness.load_warning(2.0, cores=2))  # One per core: no warning.
+    stream = io.StringIO()
+    line = harness.warn_if_loaded({'images_per_sec': 10.0, 'load_avg_1m': 5.5}, cores=2,
+                                  stream=stream)
+    self.assertStartsWith(line['warning'], 'load average 5.50 on 2 cores during timing '
+                                           '(above one per core)')
+    self.assertEqual(stream.getvalue(), f'warning: {line["warning"]}\n')
+    quiet = io.StringIO()
+    self.assertNotIn('warning', harness.warn_if_loaded({'load_avg_1m': 0.5}, cores=2,
+                                                       stream=quiet))
+    self.assertEqual(quiet.getvalue(), '')
 
 
 if __name__ == '__main__':

@@ -106,6 +106,19 @@ def _lines(proc) -> dict:
       l for l in proc.stdout.splitlines() if l.startswith('{')))}
 
 
+@pytest.mark.parametrize('flags, message', [
+    (('--bogus',), "error: Unknown command line flag 'bogus'"),
+    (('--configs=nope',), "error: unknown --configs ['nope']; choose from "),
+    (('--processes=3', '--configs=blocks'), 'error: --processes=3 is not a multiple of the 2 '
+                                            'pipeline stages'),
+    (('extra',), 'error: unexpected arguments: extra')])
+def test_a_bad_flag_is_one_line_and_exit_2(flags, message):
+  proc = _bench(*flags, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
+  assert proc.stdout == ''
+
+
 @pytest.mark.slow
 def test_every_configuration_reports_its_fields():
   proc = _bench()

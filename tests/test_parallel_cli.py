@@ -77,7 +77,7 @@ class ParallelCommandLineTest(absltest.TestCase):
     proc = run_main(*SMALL, '--batch_size=32', '--max_steps=4', f'--workdir={workdir}',
                     env=_devices_env(4))  # --parallel=auto: data, as there are 4 devices.
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assertIn('engine data on 4 device(s)', proc.stdout)
+    self.assertIn('--parallel=data: mesh 4 data over 4 cpu devices (ids 0-3)', proc.stdout)
     results = _results(workdir)
     self.assertEqual((results['parallel'], results['num_devices'], results['num_processes']),
                      ('data', 4, 1))
@@ -88,7 +88,8 @@ class ParallelCommandLineTest(absltest.TestCase):
     proc = run_main(*SMALL, '--batch_size=32', '--max_steps=3', '--parallel=blocks',
                     '--microbatches=2', f'--workdir={workdir}', env=_devices_env(2))
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assertIn('engine blocks on 2 device(s)', proc.stdout)
+    self.assertIn('--parallel=blocks: mesh 1 data x 2 stage over 2 cpu devices (ids 0-1)',
+                  proc.stdout)
     results = _results(workdir)
     self.assertEqual((results['parallel'], results['num_devices'], results['mesh']),
                      ('blocks', 2, {'data': 1, 'stage': 2}))

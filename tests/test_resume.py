@@ -93,6 +93,10 @@ class _Background:
     self.proc.kill()
     raise AssertionError(f'timed out: {self.output()[1][-2000:]}')
 
+  def stdout_so_far(self) -> str:
+    with open(self._stdout.name) as f:
+      return f.read()
+
   def output(self):
     self.proc.wait(timeout=300)
     self._stdout.seek(0)
@@ -262,6 +266,79 @@ class ResumeTest(absltest.TestCase):
     self.assertEqual(_results(workdir)['params_digest'],
                      self.reference_results['params_digest'])
     self.assertEqual(_metrics(workdir), self.reference_metrics)
+
+  def test_a_signal_while_starting_is_one_line(self):
+    # Ctrl-C during the imports, the data loading, the model build or the compilations
+    # before the loop: one line, exit 130, and either nothing written or, once the run has
+    # begun writing its workdir, a checkpoint at the step it names.
+    for delay_s in (1.0, 3.0):
+      workdir = os.path.join(self.create_tempdir().full_path, 'run')
+      run = _Background(self.create_tempdir().full_path, *SMALL, f'--workdir={workdir}')
+      time.sleep(delay_s)
+      run.proc.send_signal(signal.SIGINT)
+      _, stderr = run.output()
+      self.assertEqual(run.proc.returncode, 130, stderr[-3000:])
+      self.assertNotIn('Traceback', stderr)
+      self.assertLen(_stderr_lines(stderr), 1, stderr[-3000:])
+      line = _stderr_lines(stderr)[0]
+      if line.endswith('nothing was written'):
+        self.assertRegex(line, r'^stopped by SIGINT (while starting|before the run began)')
+        self.assertFalse(os.path.exists(workdir))
+      else:
+        stopped_at = int(re.match(r'stopped by SIGINT at step (\d+) of 40; ', line).group(1))
+        self.assertEqual(_checkpoint_steps(workdir), [stopped_at])
+
+  def test_a_signal_while_the_first_step_compiles_saves_that_step(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    run = _Background(self.create_tempdir().full_path, *SMALL, f'--workdir={workdir}')
+    # The header's last line; the first step compiles next.
+    run.wait_for(lambda: 'starting at step 0 of 40' in run.stdout_so_far())
+    run.proc.send_signal(signal.SIGINT)
+    _, stderr = run.output()
+    self.assertEqual(run.proc.returncode, 130, stderr[-3000:])
+    self.assertNotIn('Traceback', stderr)
+    self.assertLen(_stderr_lines(stderr), 1, stderr[-3000:])
+    match = re.fullmatch(r'stopped by SIGINT at step (\d+) of 40; checkpoint in \S+; rerun the '
+                         r'same command to resume', _stderr_lines(stderr)[0])
+    self.assertIsNotNone(match, stderr)
+    self.assertEqual(_checkpoint_steps(workdir), [int(match.group(1))])
+
+  def test_stdout_and_stderr_into_a_pipe_that_closes_stop_with_a_checkpoint(self):
+    # `2>&1 | head`: the stop line itself cannot be printed, and the run still ends as with
+    # stdout alone: exit 141, a checkpoint at the stop step, the records up to it.
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    flags = (*SMALL, '--checkpoint_every=0', '--log_every=1', f'--workdir={workdir}')
+    command = (f'{sys.executable} -m experiments.main {" ".join(flags)} 2>&1 | head -n 12; '
+               f'exit "${{PIPESTATUS[0]}}"')
+    proc = subprocess.run(['bash', '-c', command], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': REPO}, timeout=300)
+    self.assertEqual(proc.returncode, 141, proc.stdout[-3000:])
+    self.assertLen(proc.stdout.splitlines(), 12)
+    (stopped_at,) = _checkpoint_steps(workdir)
+    self.assertGreater(stopped_at, 0)  # Step lines went through the pipe before it closed.
+    train_steps = [r['step'] for r in _metrics(workdir) if r['split'] == 'train']
+    self.assertEqual(train_steps, list(range(1, stopped_at + 1)))
+    proc = run_main(*flags)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn(f'resuming at step {stopped_at} of 40', proc.stdout)
+    self.assertEqual(_results(workdir)['params_digest'],
+                     self.reference_results['params_digest'])
+
+  def test_log_every_records_train_metrics_every_n_steps(self):
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    proc = run_main(*SMALL[:-1], '--max_steps=6', '--log_every=2', f'--workdir={workdir}')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    records = _metrics(workdir)
+    self.assertEqual([(r['split'], r['step']) for r in records],
+                     [('train', 2), ('train', 4), ('train', 6), ('test', 6)])
+    for step in (2, 4, 6):
+      self.assertRegex(proc.stdout, rf'epoch +{step / 22:.2f}  step +{step}  train loss \[')
+    # TensorBoard gets the same records.
+    from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+    events = glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))
+    steps = sorted({event.step for path in events for event in tf_train.summary_iterator(path)
+                    for value in event.summary.value if value.tag == 'train/loss/block1'})
+    self.assertEqual(steps, [2, 4, 6])
 
   def test_another_runs_config_is_refused_unless_overwrite(self):
     workdir = self._copy_of_reference()

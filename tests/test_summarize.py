@@ -1,11 +1,14 @@
 """experiments.summarize: seeds pool into one row, placements do not, values are right."""
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 
 from absl.testing import absltest
+import numpy as np
 import pytest
 
 from experiments import config as config_lib
@@ -135,6 +138,69 @@ class SummarizeTest(absltest.TestCase):
     self.assertEqual([summarize.percent(v) for v in (0, 0.034, 2.44, 32.4, 329.0)],
                      ['0', '0.034', '2.4', '32', '329'])
 
+  def test_runs_on_two_image_folders_never_pool(self):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from bwbpf_jax import data  # pylint: disable=g-import-not-at-top
+    from experiments import train  # pylint: disable=g-import-not-at-top
+    root = self.create_tempdir().full_path
+    runs = os.path.join(root, 'runs')
+    for name, classes in (('pets', ('cat', 'dog')), ('shapes', ('circle', 'square', 'star'))):
+      folder = os.path.join(root, name)
+      for split, count in (('train', 3), ('test', 1)):
+        for k, class_name in enumerate(classes):
+          os.makedirs(os.path.join(folder, split, class_name))
+          for i in range(count):
+            Image.new('RGB', (8, 8), (40 * k, 10 * i, 0)).save(
+                os.path.join(folder, split, class_name, f'{i}.png'))
+      config = {'dataset': 'imagefolder', 'data_dir': folder}
+      dataset = data.load_dataset('imagefolder', folder, cache_dir=os.path.join(root, 'cache'))
+      identity = train.data_identity(dataset, config_lib.make_config(config))
+      # The same flags, and the same seed twice: a pooled row would read '0, 0'.
+      _write_run(runs, name, 0.9 if name == 'pets' else 0.5, seed=0,
+                 results={'data': identity}, **config)
+    table = summarize.table(summarize.load([runs]))
+    self.assertEqual(_column(table, 'seeds'), ['0', '0'])
+    self.assertEqual(sorted(_column(table, 'data')),
+                     ['pets (2 classes, 6 / 2 images)', 'shapes (3 classes, 9 / 3 images)'])
+    # Results from before results.json named the data: the folders still keep them apart.
+    old = os.path.join(root, 'old')
+    for name in ('pets', 'shapes'):
+      _write_run(old, name, 0.9, seed=0, dataset='imagefolder',
+                 data_dir=os.path.join(root, name))
+    self.assertEqual(sorted(_column(summarize.table(summarize.load([old])), 'data')),
+                     ['pets', 'shapes'])
+
+  def test_a_setting_that_differs_between_rows_gets_a_column(self):
+    root = self.create_tempdir().full_path
+    _write_run(root, 'a', 0.9, seed=0, lr=0.05)
+    _write_run(root, 'b', 0.8, seed=1, lr=0.05)
+    table = summarize.table(summarize.load([root]))
+    self.assertNotIn('lr', table.splitlines()[0])  # One row: nothing differs.
+    _write_run(root, 'c', 0.7, seed=0, lr=0.2, log_every=5)  # log_every changes nothing.
+    table = summarize.table(summarize.load([root]))
+    self.assertEqual(_column(table, 'lr'), ['0.05', '0.2'])
+    self.assertEqual(_column(table, 'seeds'), ['0, 1', '0'])
+    self.assertNotIn('log_every', table.splitlines()[0])
+
+  def test_csv_and_json_for_plotting(self):
+    root = self.create_tempdir().full_path
+    _write_run(root, 'a', 0.9, seed=0, lr=0.05)
+    _write_run(root, 'b', 0.8, seed=1, lr=0.05)
+    _write_run(root, 'c', 0.7, seed=0, lr=0.2)
+    proc = _summarize('--format=json', root)
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    records = json.loads(proc.stdout)
+    self.assertEqual([(r['lr'], r['seeds']) for r in records], [(0.05, [0, 1]), (0.2, [0])])
+    np.testing.assert_allclose(records[0]['test_error_pct'], [10.0, 20.0])
+    self.assertAlmostEqual(records[0]['test_error_pct_mean'], 15.0)
+    proc = _summarize('--format=csv', root)
+    self.assertEqual(proc.returncode, 0, proc.stderr)
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    self.assertEqual([(r['lr'], r['seeds'], r['K']) for r in rows],
+                     [('0.05', '0 1', '4'), ('0.2', '0', '4')])
+    self.assertAlmostEqual(float(rows[1]['test_error_pct_mean']), 30.0)
+    self.assertEqual(_summarize('--format=xml', root).returncode, 2)
+
   @pytest.mark.slow  # A training run in a subprocess.
   def test_a_max_steps_run_shows_its_steps_and_k(self):
     root = self.create_tempdir().full_path
@@ -150,6 +216,10 @@ class SummarizeTest(absltest.TestCase):
     with open(os.path.join(workdir, 'results.json')) as f:
       results = json.load(f)
     self.assertEqual((results['num_blocks'], results['config']['num_blocks']), (3, 3))
+    self.assertEqual({key: results['data'][key] for key in ('name', 'data_dir', 'num_classes',
+                                                             'train_images', 'test_images')},
+                     {'name': 'digits', 'data_dir': None, 'num_classes': 10,
+                      'train_images': 1437, 'test_images': 360})
     table = _summarize(root).stdout
     self.assertEqual((_column(table, 'K'), _column(table, 'length'), _column(table, 'seeds')),
                      (['3'], ['3 steps'], ['0']))

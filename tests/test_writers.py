@@ -118,6 +118,21 @@ def test_progress_on_a_terminal_draws_the_bar_and_prints_no_lines():
   assert 'step 100/100' in terminal.getvalue() and '123.4 img/s' in terminal.getvalue()
 
 
+def test_progress_bar_shows_the_time_left(monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(writers.time, 'monotonic', lambda: now[0])
+  terminal = _FakeTerminal()
+  progress = writers.Progress(100, steps_per_epoch=40, batch_size=8, stream=terminal,
+                              log_stream=_FakeTerminal())
+  progress.update(10, 0, images_per_sec=0.0)  # The first step compiled: no rate yet.
+  assert terminal.getvalue().endswith(' ? left ')
+  progress.update(20, 0, images_per_sec=80.0)
+  now[0] += 10.0  # 10 steps in 10 s: the 70 steps left take 70 s.
+  progress.update(30, 0, images_per_sec=80.0)
+  assert terminal.getvalue().endswith('step 30/100     80.0 img/s  0:01:10 left ')
+  assert progress.seconds_left() == 70.0
+
+
 def test_format_blocks():
   assert writers.format_blocks([0.5, 0.25]) == '[0.500 0.250]'
   assert writers.format_blocks(np.array([50.0, 75.0]), '{:.1f}') == '[50.0 75.0]'
