@@ -411,7 +411,8 @@ good = {'split_points': '2,4', 'loss_weights': '1,1,0,1', 'stem': 'cifar', 'lr':
 report = {}
 for field in dataclasses.fields(config_lib.Config):
   name, flag = field.name, main.FLAGS[field.name]
-  value = good.get(name, str(field.default).lower())
+  # An unset optional number takes a small count (a new Optional[int] setting needs no entry).
+  value = good.get(name, '3' if field.default is None else str(field.default).lower())
   main.FLAGS.unparse_flags()
   main._parse_flags(['main', f'--{name}={value}'])
   parsed = main.FLAGS[name].value
