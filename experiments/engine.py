@@ -30,7 +30,7 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
-from experiments.config import Config
+from .config import Config
 
 PARALLEL_MODES = ('none', 'data', 'blocks')
 

@@ -58,7 +58,7 @@ Exit codes, each failure with one line on stderr:
 import os
 import sys
 
-from experiments import xla_defaults
+from . import xla_defaults
 
 xla_defaults.apply()  # Before JAX starts.
 # TensorFlow (imported for tfds datasets only, to decode images) announces its oneDNN
@@ -73,7 +73,7 @@ from absl import logging
 
 import bwbpf_jax
 from bwbpf_jax.data import AUGMENTATIONS, DATASET_NAMES
-from experiments import config as config_lib
+from . import config as config_lib
 
 FLAGS = flags.FLAGS
 _UNSET = None
@@ -252,7 +252,7 @@ def main(argv):
   sys.stdout.reconfigure(line_buffering=True)
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
   _quiet_closed_loop_callbacks()
-  from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from . import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
   try:
     multi_process = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

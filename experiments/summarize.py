@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from experiments import config as config_lib
+from . import config as config_lib
 
 RESULTS_FILE = 'results.json'
 # Fields that change nothing the run computes; every other config field separates rows.
