@@ -31,7 +31,6 @@ from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
 from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
 from parallel_worker import same_microbatches_on_rows
-pytestmark = pytest.mark.slow
 
 IMAGE = (16, 16, 3)
 # Agreement of two programs' float32 trajectories over a few updates (see the docstring).
@@ -146,6 +145,7 @@ class OneDeviceTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'cannot be split into --microbatches=3'):
       parallel.StagePipeline(model, tx, plan, mesh, num_microbatches=3, global_batch_size=16)
 
+  @pytest.mark.slow  # A pytest process of its own on 8 devices: minutes.
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     if jax.device_count() >= NUM_DEVICES:
       self.skipTest('MultiDeviceTest runs directly in this session')
@@ -195,6 +195,7 @@ def _stage_digests(pipeline, state):
                                                      checkpoint.block_params_digest)]
 
 
+@pytest.mark.slow
 class MultiDeviceTest(parameterized.TestCase):
   """Needs 8 devices; see `OneDeviceTest.test_multi_device_tests_on_8_fake_cpu_devices`."""
 
