@@ -113,6 +113,7 @@ class OneDeviceTest(parameterized.TestCase):
     self.assertEqual(plan.input_shapes, ((16, 16, 3), (4, 4, 16), (2, 2, 32), (1, 1, 64)))
     self.assertEqual(plan.activation_length, 4 * 4 * 16)
 
+  @pytest.mark.slow  # Compiles every block's step for XLA's FLOP counts.
   def test_fewer_stages_than_blocks_groups_the_costliest_blocks_alone(self):
     model, tx, _ = _built()
     plan = parallel.make_stage_plan(model, tx, IMAGE, 2, costs=[1.0, 1.0, 1.0, 5.0])
