@@ -8,12 +8,16 @@ import uuid
 
 import conftest
 import jax
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_session_and_a_subprocess_use_one_cache_folder():
-  folder = os.environ['JAX_COMPILATION_CACHE_DIR']
+  if os.environ.get('JAX_ENABLE_COMPILATION_CACHE', '').lower() in ('false', '0'):
+    pytest.skip('the cache is turned off (JAX_ENABLE_COMPILATION_CACHE)')
+  folder = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  assert folder, 'conftest set no cache folder (or could not create it)'
   assert jax.config.jax_compilation_cache_dir == folder
   assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
   # A program no run compiled before (a constant of its own), compiled in a fresh process
