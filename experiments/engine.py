@@ -30,8 +30,8 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
-from experiments import config as config_lib
-from experiments.config import Config
+from . import config as config_lib
+from .config import Config
 
 PARALLEL_MODES = tuple(mode for mode in config_lib.PARALLEL if mode != 'auto')
 

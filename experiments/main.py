@@ -69,7 +69,7 @@ import os
 import sys
 import typing
 
-from experiments import stopping
+from . import stopping
 
 
 def _exit_at_once(when: str):
@@ -92,7 +92,7 @@ if __name__ == '__main__':  # Ctrl-C while JAX imports: one line, not a tracebac
   stopping.handle_stop_signals(_exit_at_once('while starting; nothing was written'))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import xla_defaults
+from . import xla_defaults
 
 xla_defaults.apply()  # Before JAX starts.
 # TensorFlow (imported for tfds datasets only, to decode images) announces its oneDNN
@@ -105,8 +105,8 @@ from absl import flags
 from absl import logging
 
 import bwbpf_jax
-from experiments import config as config_lib
-from experiments import workdir as workdir_lib
+from . import config as config_lib
+from . import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 # The groups of --help, in order: config_lib.GROUPS (one flag per Config field), then
@@ -309,7 +309,7 @@ def main(argv):
   sys.stdout.reconfigure(line_buffering=True)
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
   _quiet_closed_loop_callbacks()
-  from experiments import train  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from . import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
   # Signals now unwind (the workdir lock removes what it created); once the run writes its
   # workdir, train defers them to the end of a step and saves a checkpoint.

@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from experiments import config as config_lib
+from . import config as config_lib
 
 RESULTS_FILE = 'results.json'
 # Config fields that do not separate rows: the seed (pooled), what changes nothing the run

@@ -59,11 +59,11 @@ import numpy as np
 import bwbpf_jax as bw
 from bwbpf_jax import checkpoint
 from bwbpf_jax import data
-from experiments import stopping
-from experiments import writers
-from experiments.config import Config
-from experiments.engine import Engine, make_engine, optimizer_steps_per_batch
-from experiments.workdir import (CHECKPOINT_DIR, WorkdirLock, check_workdir, truncate_metrics,
+from . import stopping
+from . import writers
+from .config import Config
+from .engine import Engine, make_engine, optimizer_steps_per_batch
+from .workdir import (CHECKPOINT_DIR, WorkdirLock, check_workdir, truncate_metrics,
                                  write_workdir)
 
 

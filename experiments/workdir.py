@@ -18,9 +18,9 @@ import shutil
 import socket
 
 import bwbpf_jax as bw
-from experiments import config as config_lib
-from experiments import writers
-from experiments.config import Config
+from . import config as config_lib
+from . import writers
+from .config import Config
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'

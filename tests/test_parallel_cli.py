@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -60,7 +61,11 @@ class ParallelCommandLineTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.reference_dir = os.path.join(absltest.get_default_test_tmpdir(), 'one_device')
+    # A folder of its own: the suites of other checkouts may share the test tmpdir, and a
+    # fixed name there was refused (its workdir lock held) while another suite ran it.
+    os.makedirs(absltest.get_default_test_tmpdir(), exist_ok=True)
+    cls.reference_dir = os.path.join(
+        tempfile.mkdtemp(prefix='one_device_', dir=absltest.get_default_test_tmpdir()), 'run')
     proc = run_main(*SMALL, '--batch_size=32', '--max_steps=4', '--parallel=none',
                     f'--workdir={cls.reference_dir}', '--overwrite')
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -31,7 +31,6 @@ from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
 from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
 from parallel_worker import same_microbatches_on_rows
-pytestmark = pytest.mark.slow
 
 IMAGE = (16, 16, 3)
 # Agreement of two programs' float32 trajectories over a few updates (see the docstring).
@@ -114,6 +113,7 @@ class OneDeviceTest(parameterized.TestCase):
     self.assertEqual(plan.input_shapes, ((16, 16, 3), (4, 4, 16), (2, 2, 32), (1, 1, 64)))
     self.assertEqual(plan.activation_length, 4 * 4 * 16)
 
+  @pytest.mark.slow  # Compiles every block's step for XLA's FLOP counts.
   def test_fewer_stages_than_blocks_groups_the_costliest_blocks_alone(self):
     model, tx, _ = _built()
     plan = parallel.make_stage_plan(model, tx, IMAGE, 2, costs=[1.0, 1.0, 1.0, 5.0])
@@ -163,6 +163,7 @@ class OneDeviceTest(parameterized.TestCase):
     for message in messages:
       self.assertNotIn(' --', message)  # No command-line flags for a Python caller.
 
+  @pytest.mark.slow  # A pytest process of its own on 8 devices: minutes.
   def test_multi_device_tests_on_8_fake_cpu_devices(self):
     if jax.device_count() >= NUM_DEVICES:
       self.skipTest('MultiDeviceTest runs directly in this session')
@@ -212,6 +213,7 @@ def _stage_digests(pipeline, state):
                                                      checkpoint.block_params_digest)]
 
 
+@pytest.mark.slow
 class MultiDeviceTest(parameterized.TestCase):
   """Needs 8 devices; see `OneDeviceTest.test_multi_device_tests_on_8_fake_cpu_devices`."""
 
