@@ -215,6 +215,19 @@ class ModeTest(parameterized.TestCase):
     run_on_fake_devices(self, __file__, MultiDeviceTest)
 
 
+class SwitchBenchTest(absltest.TestCase):
+
+  def test_switch_and_stacked_weights_give_the_plain_gradient_and_are_timed(self):
+    from benchmarks import switch_bench  # pylint: disable=g-import-not-at-top
+    result = switch_bench.measure(SMALL, WIDTH, num_blocks=4, batch_size=4, image_size=16,
+                                  steps=1)
+    self.assertEqual(result['block_input'], [4, 16, 24])
+    for name in ('plain', 'switch', 'stacked'):
+      self.assertGreater(result[f'{name}_ms'], 0)
+    with self.assertRaisesRegex(UsageError, 'needs at least 2 alike middle blocks'):
+      switch_bench.measure(SMALL, WIDTH, num_blocks=3, batch_size=4, image_size=16, steps=1)
+
+
 class RecipeTest(parameterized.TestCase):
 
   @parameterized.parameters('vit_cifar10_tiny', 'vit_cifar10_small', 'cpu_cifar10_vit')
