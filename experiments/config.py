@@ -272,6 +272,25 @@ PRESETS = {
     # literature's network on the same budget.
     'cpu_cifar10_resnet32': dict(dataset='imagefolder', arch='resnet32', width=0.5, epochs=3,
                                  batch_size=128, lr=0.05, warmup_epochs=1),
+    # ViT on CIFAR-10 from scratch: the optimiser of DeiT (Touvron et al., 2021) and of
+    # "Vision Transformer for Small-Size Datasets" (Lee et al., 2021): AdamW, weight decay
+    # 0.05, linear warm-up then cosine; lr 1e-3 at batch 128 and 10 warm-up epochs of 100
+    # as Lee et al. train ViT-Tiny-sized models on CIFAR. What differs: only crop_flip
+    # augmentation (they add AutoAugment, Mixup, CutMix, random erasing and label
+    # smoothing), and AdamW here decays every parameter (LayerNorms and biases too). Expect
+    # lower accuracy than theirs and more overfitting.
+    'vit_cifar10_tiny': dict(dataset='cifar10', arch='vit_tiny', optimizer='adamw', lr=1e-3,
+                             weight_decay=0.05, batch_size=128, epochs=100, warmup_epochs=10,
+                             augment='crop_flip'),
+    'vit_cifar10_small': dict(dataset='cifar10', arch='vit_small', optimizer='adamw', lr=1e-3,
+                              weight_decay=0.05, batch_size=128, epochs=100, warmup_epochs=10,
+                              augment='crop_flip'),
+    # The same recipe, shortened for this project's CPU comparisons on the JPEG copy: a
+    # 4-layer ViT-Tiny at half width (96 wide, 2 heads; even blocks at K=2 and K=4) and 1
+    # warm-up epoch of 10.
+    'cpu_cifar10_vit': dict(dataset='imagefolder', arch='vit_tiny_d4', width=0.5,
+                            optimizer='adamw', lr=1e-3, weight_decay=0.05, batch_size=128,
+                            epochs=10, warmup_epochs=1, augment='crop_flip'),
 }
 
 # The names of Config's fields, in declaration order: what a flag, a preset or a stored

@@ -159,7 +159,7 @@ FLAG_ERRORS = (
     ('unknown_arch', ['--arch=alexnet'], 'alexnet'),
     ('unknown_dataset', ['--dataset=mnist'], 'mnist'),
     ('unknown_mode', ['--mode=forward_forward'], 'forward_forward'),
-    ('unknown_head', ['--aux_head=transformer'], 'transformer'),
+    ('unknown_head', ['--aux_head=hebbian'], 'hebbian'),
     ('unknown_loss', ['--local_loss=hinge'], 'hinge'),
     ('bad_loss_weights', ['--local_loss=xent_recon', '--loss_weights=1,2'],
      'loss weights must be 4'),

@@ -13,9 +13,10 @@ from bwbpf_jax.models import heads
 from bwbpf_jax.models import layers
 from bwbpf_jax.models import resnet
 from bwbpf_jax.models import vgg
+from bwbpf_jax.models import vit
 
 ARCHITECTURES = (tuple(vgg.CONVS_PER_STAGE) + tuple(resnet.UNITS_PER_STAGE)
-                 + tuple(cifar_resnet.UNITS_PER_STAGE))
+                 + tuple(cifar_resnet.UNITS_PER_STAGE) + vit.ARCHITECTURES)
 HEADS = tuple(heads.HEADS)
 
 
@@ -25,7 +26,8 @@ def network(arch: str, *, width: float = 1.0, stem: str = 'cifar', dtype=jnp.flo
   Args:
     arch: its name.
     width: channel multiplier (0.25 for quick CPU runs).
-    stem: 'cifar' (3x3 stride 1) or 'imagenet' (7x7 stride 2 + max-pool), ResNets only.
+    stem: 'cifar' (3x3 stride 1) or 'imagenet' (7x7 stride 2 + max-pool) for ResNets;
+      for ViTs the patch size: 'cifar' 4 (32x32 images), 'imagenet' 8 (64x64).
     dtype: computation dtype of its layers.
   """
   if arch in vgg.CONVS_PER_STAGE:
@@ -36,6 +38,8 @@ def network(arch: str, *, width: float = 1.0, stem: str = 'cifar', dtype=jnp.flo
     build = (cifar_resnet.cifar_resnet_units if arch in cifar_resnet.UNITS_PER_STAGE
              else resnet.resnet_units)
     stem_module, units, stages = build(arch, width, stem, dtype)
+  elif arch in vit.ARCHITECTURES:
+    stem_module, units, stages = vit.vit_units(arch, width, stem, dtype)
   else:
     raise UsageError(f'unknown architecture {arch!r}; choose one of {", ".join(ARCHITECTURES)} '
                      f'or give a package.module:function that returns a bwbpf_jax.Network')

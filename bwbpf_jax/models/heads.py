@@ -24,6 +24,13 @@ block (its parameters live under the block's 'head' and are shared with nothing)
 - `auglocal` (`AugLocalHead`): AugLocal's augmented auxiliary network (Ma et
   al., 2024): fresh copies of a uniformly sampled subset of the units after the
   block, then pool and linear.
+- `transformer` (`TransformerHead`): one pre-norm transformer layer of the
+  features' width, the final LayerNorm, mean of the tokens, linear. A design
+  of this library, not a paper's: the token analogue of DGL's and InfoPro's
+  small auxiliary networks (a layer of the backbone's own kind before the
+  pooled classifier). The transformer local-learning work we found uses
+  decoders that reconstruct features (Swin, "Local learning on transformers
+  via feature reconstruction", 2022) rather than a named classifier head.
 
 `Objective` wraps any of them when the block's loss needs more than logits: an
 embedding for a contrastive loss (with a linear probe on detached features for
@@ -33,7 +40,8 @@ Features of any rank: `linear`, `mlp` and `auglocal` read vectors [B, D],
 token sequences [B, T, D] and maps [B, H, W, C] (pooled over every axis
 between batch and channels); `dgl`, `infopro` and the decoder are built on
 convolutions over maps and refuse other features with a `UsageError` that
-says what they read.
+says what they read; `transformer` reads tokens, and maps as their H*W
+positions' tokens, and refuses vectors (nothing to attend over).
 """
 
 import math
@@ -46,6 +54,7 @@ import numpy as np
 
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import layers
+from bwbpf_jax.models import vit
 
 
 def adaptive_avg_pool(x, output_hw):
@@ -240,6 +249,35 @@ class AugLocalHead(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
+def attention_heads(dim: int, head_size: int = 64) -> int:
+  """Heads of an attention over `dim` features: the most, up to dim // head_size, that divide dim."""
+  return max(h for h in range(1, max(1, dim // head_size) + 1) if dim % h == 0)
+
+
+class TransformerHead(nn.Module):
+  """[B, T, D] -> pre-norm transformer layer (D wide, MLP 4D) -> LayerNorm -> mean -> dense.
+
+  A map [B, H, W, C] is read as its H*W positions' tokens (as hybrid ViTs read
+  a CNN's map); vectors [B, D] are refused, having no tokens to attend over.
+  Costs about one backbone layer per auxiliary block of a ViT.
+  """
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if x.ndim == 4:
+      x = x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
+    if x.ndim != 3:
+      raise UsageError(f'the transformer head reads tokens [B, T, D] or maps [B, H, W, C], got '
+                       f'features of shape {list(x.shape)}; vectors have no tokens to attend '
+                       f'over: choose linear or mlp')
+    dim = x.shape[-1]
+    x = vit.TransformerLayer(attention_heads(dim), 4 * dim, final_norm=True, dtype=self.dtype,
+                             name='layer')(x, train=train)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(pool_features(x)).astype(jnp.float32)
+
+
 def _bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
   """[size_out, size_in] weights of 1-D bilinear resizing with aligned corners (PyTorch's align_corners=True)."""
   weights = np.zeros((size_out, size_in), np.float32)
@@ -317,4 +355,4 @@ class Objective(nn.Module):
 
 
 HEADS = {'linear': LinearHead, 'mlp': MLPHead, 'dgl': DGLHead, 'infopro': InfoProHead,
-         'auglocal': AugLocalHead}
+         'auglocal': AugLocalHead, 'transformer': TransformerHead}
