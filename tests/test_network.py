@@ -301,6 +301,20 @@ def _synchronous(model, tx, states, batches, num_microbatches=2):
   return jax.device_get(states)
 
 
+def check_data_parallel_equals_one_device(model, tx, states):
+  """Two data-parallel steps over every device equal two one-device steps (float32 sums)."""
+  mesh = parallel.make_mesh(NUM_DEVICES)
+  sharded = parallel.make_data_parallel_train_step(model, tx, mesh)
+  single = bw.make_train_step(model, tx, donate=False)
+  # A copy: replicating may reuse a buffer of `states`, which the sharded step donates.
+  sharded_states = parallel.replicate(jax.tree_util.tree_map(jnp.copy, states), mesh)
+  for seed in range(2):
+    batch = test_step._batch(seed=seed)
+    sharded_states, _ = sharded(sharded_states, parallel.shard_batch(batch, mesh))
+    states, _ = single(states, batch)
+  chex.assert_trees_all_close(sharded_states, states, rtol=1e-5, atol=1e-5)
+
+
 def _pipeline_train(model, tx, states, batches, *, num_stages, num_rows, batch_norm='global'):
   from parallel_worker import same_microbatches_on_rows  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_pipeline_mesh(num_stages, jax.devices()[:num_stages * num_rows])
@@ -325,17 +339,7 @@ class MultiDeviceTest(parameterized.TestCase):
 
   @parameterized.parameters(*NETWORKS)
   def test_data_parallel_step_equals_one_device(self, name):
-    model, tx, states = _setup(name, 2)
-    mesh = parallel.make_mesh(NUM_DEVICES)
-    sharded = parallel.make_data_parallel_train_step(model, tx, mesh)
-    single = bw.make_train_step(model, tx, donate=False)
-    # The sharded step donates its states: it gets copies of its own.
-    sharded_states = parallel.replicate(jax.tree_util.tree_map(jnp.copy, states), mesh)
-    for seed in range(2):
-      batch = test_step._batch(seed=seed)
-      sharded_states, _ = sharded(sharded_states, parallel.shard_batch(batch, mesh))
-      states, _ = single(states, batch)
-    chex.assert_trees_all_close(sharded_states, states, rtol=1e-5, atol=1e-5)
+    check_data_parallel_equals_one_device(*_setup(name, 2))
 
   @parameterized.parameters(*NETWORKS)
   def test_stage_pipeline_equals_synchronous_steps(self, name):

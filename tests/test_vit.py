@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import bwbpf_jax as bw
-from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import heads
 from bwbpf_jax.models import vit
@@ -249,17 +248,7 @@ class MultiDeviceTest(parameterized.TestCase):
       self.skipTest(f'needs {NUM_DEVICES} devices, found {jax.device_count()}')
 
   def test_data_parallel_step_equals_one_device(self):
-    model, tx, states = _setup(2, aux_head='transformer')
-    mesh = parallel.make_mesh(NUM_DEVICES)
-    sharded = parallel.make_data_parallel_train_step(model, tx, mesh)
-    single = bw.make_train_step(model, tx, donate=False)
-    # A copy: replicating may reuse a buffer of `states`, which the sharded step donates.
-    sharded_states = parallel.replicate(jax.tree_util.tree_map(jnp.copy, states), mesh)
-    for seed in range(2):
-      batch = test_step._batch(seed=seed)
-      sharded_states, _ = sharded(sharded_states, parallel.shard_batch(batch, mesh))
-      states, _ = single(states, batch)
-    chex.assert_trees_all_close(sharded_states, states, rtol=1e-5, atol=1e-5)
+    test_network.check_data_parallel_equals_one_device(*_setup(2, aux_head='transformer'))
 
   @parameterized.parameters((2, 'linear'), (4, 'transformer'))
   def test_stage_pipeline_in_2_stages_equals_synchronous_steps(self, num_blocks, aux_head):
