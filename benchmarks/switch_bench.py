@@ -26,13 +26,13 @@ from experiments import xla_defaults
 xla_defaults.apply()  # Before JAX starts.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
 from absl import flags
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import command_line
 from benchmarks import harness
 import bwbpf_jax as bw
 from bwbpf_jax import step as step_lib
@@ -113,4 +113,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  command_line.run(main)

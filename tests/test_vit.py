@@ -5,6 +5,9 @@ embedding stem and one unit per transformer layer, cut and trained by the same
 code as a user's network (tests/test_network.py).
 """
 
+import subprocess
+import sys
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -225,6 +228,13 @@ class SwitchBenchTest(absltest.TestCase):
       self.assertGreater(result[f'{name}_ms'], 0)
     with self.assertRaisesRegex(UsageError, 'needs at least 2 alike middle blocks'):
       switch_bench.measure(SMALL, WIDTH, num_blocks=3, batch_size=4, image_size=16, steps=1)
+
+  def test_a_bad_flag_is_one_line_and_exit_2(self):
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.switch_bench', '--steps=abc'],
+                          cwd=test_main.REPO, capture_output=True, text=True, timeout=120)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertEqual(proc.stderr.splitlines(), ["error: flag --steps=abc: invalid literal for "
+                                                "int() with base 10: 'abc'"])
 
 
 class RecipeTest(parameterized.TestCase):
