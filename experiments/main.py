@@ -291,11 +291,12 @@ def _stop_now(signum, frame):  # pylint: disable=unused-argument
   """A signal the run does not defer: before it writes its workdir, or a second one."""
   name = stopping.signal_name(signum)
   if stopping.run_started():
-    raise stopping.Interrupted(f'stopped at once by a second {name}, without a checkpoint of '
-                               f'this step; rerun the same command to resume from the last '
-                               f'checkpoint', signum)
-  raise stopping.Interrupted(f'stopped by {name} before the run began writing its workdir; '
-                             f'nothing was written', signum)
+    stopping.raise_stop(stopping.Interrupted(
+        f'stopped at once by a second {name}, without a checkpoint of this step; rerun the '
+        f'same command to resume from the last checkpoint', signum))
+  stopping.raise_stop(stopping.Interrupted(
+      f'stopped by {name} before the run began writing its workdir; nothing was written',
+      signum))
 
 
 def main(argv):
@@ -335,6 +336,7 @@ def main(argv):
     stopping.say(f'error: {config_lib.as_flags(str(e))}')
     exit_code = EXIT_USAGE
   except stopping.Interrupted as e:
+    stopping.stop_delivered()
     # stderr may be the pipe that closed (`2>&1 | head`): say() then drops the line.
     stopping.say(str(e))
     exit_code = 128 + e.signum  # The shell's code for a process a signal ended (141: SIGPIPE).

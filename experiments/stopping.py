@@ -45,6 +45,32 @@ class Interrupted(Exception):
     self.signum = signum
 
 
+# Stops a signal handler raised that may not have reached the run: Python drops an
+# exception raised while a garbage-collection callback or a __del__ runs ("Exception
+# ignored in ...": JAX's _xla_gc_callback, often, while it starts), and the run would
+# go on as if no signal had come.
+_raised_stops = []
+
+
+def raise_stop(error: 'Interrupted'):
+  """Raises `error` from a signal handler, and keeps it in case Python drops it."""
+  _raised_stops.append(error)
+  raise error
+
+
+def stop_delivered():
+  """The stop `raise_stop` raised reached the run: nothing is left to raise again."""
+  _raised_stops.clear()
+
+
+def raise_dropped_stop():
+  """Raises again a stop whose exception Python dropped; nothing when there is none."""
+  if _raised_stops:
+    error = _raised_stops.pop()
+    _raised_stops.clear()
+    raise error
+
+
 def handle_stop_signals(handler):
   """Installs `handler` for SIGINT and SIGTERM, except where they are ignored (nohup, `cmd &`)."""
   for signum in STOP_SIGNALS:
@@ -109,7 +135,12 @@ class StopSignals:
     return guarded_log
 
   def defer(self):
-    """From now until `restore()`, the first SIGINT or SIGTERM only sets `signum`."""
+    """From now until `restore()`, the first SIGINT or SIGTERM only sets `signum`.
+
+    A stop raised before (while the run started) that Python dropped is raised
+    here, before the run writes anything.
+    """
+    raise_dropped_stop()
     if threading.current_thread() is not threading.main_thread() or self in _deferring:
       return
     for signum in STOP_SIGNALS:

@@ -21,7 +21,8 @@ def subprocess_env(**extra) -> dict:
   """This environment without cluster variables JAX would detect, on CPU, the repo importable."""
   env = {name: value for name, value in os.environ.items()
          if not name.startswith(('JAX_COORDINATOR', 'SLURM_', 'OMPI_'))}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  env.update(extra)
   return env
 
 
