@@ -26,7 +26,7 @@ from bwbpf_jax.errors import UsageError
 from bwbpf_jax.models import layers
 from bwbpf_jax.models import onednn_conv
 import fake_devices
-from fake_devices import NUM_DEVICES, run_on_fake_devices
+from fake_devices import NUM_DEVICES
 import test_main
 import test_step
 import user_networks
@@ -282,9 +282,6 @@ class PipelineTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'cannot hold'):
       parallel.pipeline._Packing.of({'f64': np.zeros(2, np.float64)})
 
-  @pytest.mark.slow
-  def test_multi_device_tests_on_8_fake_cpu_devices(self):
-    run_on_fake_devices(self, __file__, MultiDeviceTest)
 
 
 def _batches(count, size=16, seed=0):
@@ -330,7 +327,7 @@ def _pipeline_train(model, tx, states, batches, *, num_stages, num_rows, batch_n
 
 
 class MultiDeviceTest(parameterized.TestCase):
-  """Needs 8 devices; see `PipelineTest.test_multi_device_tests_on_8_fake_cpu_devices`."""
+  """Needs 8 devices; tests/test_multi_device.py runs it on 8 fake CPU devices."""
 
   def setUp(self):
     super().setUp()

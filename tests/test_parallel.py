@@ -2,9 +2,9 @@
 
 Multi-device tests need 8 devices. JAX fixes its device count when it starts,
 and this session started it with one CPU device (tests/conftest.py), so
-`test_multi_device_tests_on_8_fake_cpu_devices` re-runs `MultiDeviceTest` in a
-fresh pytest process with 8 fake CPU devices; where 8 devices exist already
-(a TPU host, or that subprocess), `MultiDeviceTest` runs directly. The
+tests/test_multi_device.py runs `MultiDeviceTest` in a pytest process of its
+own with 8 fake CPU devices; where 8 devices exist already (a TPU host, or that
+process), `MultiDeviceTest` runs directly. The
 multi-host test starts two worker processes (tests/parallel_worker.py) that
 talk over loopback only.
 """
@@ -30,7 +30,7 @@ from bwbpf_jax import step as step_lib
 from bwbpf_jax.errors import UsageError
 import eval_cases
 from fake_devices import (NUM_DEVICES, REPO, SUBPROCESS_TIMEOUT_S, WORKER,
-                          run_on_fake_devices, run_workers, subprocess_env)
+                          run_workers, subprocess_env)
 
 IMAGE = (16, 16, 3)
 
@@ -152,12 +152,6 @@ class SingleProcessTest(parameterized.TestCase):
     self.assertEqual(result.stdout.strip().splitlines()[-1], '(0, 1) False')
 
   @pytest.mark.slow
-  def test_multi_device_tests_on_8_fake_cpu_devices(self):
-    if jax.device_count() >= NUM_DEVICES:
-      self.skipTest('MultiDeviceTest runs directly in this session')
-    run_on_fake_devices(self, __file__, MultiDeviceTest)
-
-  @pytest.mark.slow
   def test_two_processes_train_as_one_on_the_global_batch(self):
     spec = importlib.util.spec_from_file_location('parallel_worker', WORKER)
     parallel_worker = importlib.util.module_from_spec(spec)
@@ -180,7 +174,7 @@ class SingleProcessTest(parameterized.TestCase):
 
 
 class MultiDeviceTest(parameterized.TestCase):
-  """Needs 8 devices; see `test_multi_device_tests_on_8_fake_cpu_devices`."""
+  """Needs 8 devices; tests/test_multi_device.py runs it on 8 fake CPU devices."""
 
   def setUp(self):
     super().setUp()

@@ -5,9 +5,8 @@ so their float32 results agree to rounding, not bit for bit (about 1e-7
 relative after one update; BatchNorm on small micro-batches amplifies it over
 several). Comparisons within one program (isolation, bubbles) are exact.
 
-Multi-device tests need 8 devices: as in test_parallel.py,
-`test_multi_device_tests_on_8_fake_cpu_devices` re-runs `MultiDeviceTest` in a
-fresh pytest process with 8 fake CPU devices. The 2-process test starts
+Multi-device tests need 8 devices: tests/test_multi_device.py runs
+`MultiDeviceTest` in a pytest process of its own with 8 fake CPU devices. The 2-process test starts
 tests/parallel_worker.py processes that talk over loopback only.
 """
 
@@ -29,7 +28,7 @@ from benchmarks import hlo
 from bwbpf_jax import checkpoint
 from bwbpf_jax import parallel
 from bwbpf_jax.errors import UsageError
-from fake_devices import NUM_DEVICES, run_on_fake_devices, run_workers
+from fake_devices import NUM_DEVICES, run_workers
 from parallel_worker import same_microbatches_on_rows
 
 IMAGE = (16, 16, 3)
@@ -163,12 +162,6 @@ class OneDeviceTest(parameterized.TestCase):
     for message in messages:
       self.assertNotIn(' --', message)  # No command-line flags for a Python caller.
 
-  @pytest.mark.slow  # A pytest process of its own on 8 devices: minutes.
-  def test_multi_device_tests_on_8_fake_cpu_devices(self):
-    if jax.device_count() >= NUM_DEVICES:
-      self.skipTest('MultiDeviceTest runs directly in this session')
-    run_on_fake_devices(self, __file__, MultiDeviceTest)
-
   @pytest.mark.slow
   def test_two_processes_of_4_devices_equal_one_process_of_8(self):
     with tempfile.TemporaryDirectory() as out_dir:
@@ -186,18 +179,18 @@ class OneDeviceTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_one_device_per_process_equals_one_process_of_4_devices(self):
-    # One CPU device per process, as on accelerators: 2 processes are 2 stages of one
-    # data row; 4 are 2 stages x 2 rows, so the data all-reduce crosses processes too.
+    # One CPU device per process, as on accelerators: 4 processes are 2 stages x 2 rows,
+    # so the handoffs and the data all-reduce both cross processes. (2 processes of one
+    # device, the one-row program, run from the command line in test_network.py's
+    # CommandLineTest, against the same pipeline in one process.)
     args = ('--stages=2', '--batch_norm=global')
     with tempfile.TemporaryDirectory() as out_dir:
       one = run_workers(os.path.join(out_dir, 'one'), num_processes=1, local_devices=4,
                         engine='pipeline', extra_args=args)
-      two = run_workers(os.path.join(out_dir, 'two'), num_processes=2, local_devices=1,
-                        engine='pipeline', extra_args=args)
       four = run_workers(os.path.join(out_dir, 'four'), num_processes=4, local_devices=1,
                          engine='pipeline', extra_args=args)
-    self.assertEqual([r['mesh'] for r in one + two + four], [[2, 2]] + [[1, 2]] * 2 + [[2, 2]] * 4)
-    for run in (two, four):
+    self.assertEqual([r['mesh'] for r in one + four], [[2, 2]] + [[2, 2]] * 4)
+    for run in (four,):
       # Each process holds only its own stage, and digests agree without a gather.
       self.assertEqual([sorted(r['stages']) for r in run], [[0], [1]] * (len(run) // 2))
       self.assertEqual({r['digest'] for r in run}, {run[0]['digest']})
@@ -215,7 +208,7 @@ def _stage_digests(pipeline, state):
 
 @pytest.mark.slow
 class MultiDeviceTest(parameterized.TestCase):
-  """Needs 8 devices; see `OneDeviceTest.test_multi_device_tests_on_8_fake_cpu_devices`."""
+  """Needs 8 devices; tests/test_multi_device.py runs it on 8 fake CPU devices."""
 
   def setUp(self):
     super().setUp()
