@@ -106,6 +106,7 @@ class ShapeAndFlopTest(parameterized.TestCase):
     self.assertEqual(model.blocks[0].units[-1].features, 16)
     np.testing.assert_allclose(counts['head'][0], expected, rtol=rtol)
 
+  @pytest.mark.slow
   def test_flop_fractions_order_the_heads(self):
     fractions = {head: cost.aux_flop_fractions(
         bw.build_model('resnet32', num_classes=10, num_blocks=4, aux_head=head), (32, 32, 3))

@@ -475,6 +475,7 @@ class GeneratedFlagsTest(absltest.TestCase):
 
 class PresetsTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_list_presets_and_helpfull_name_them(self):
     from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
     listed = run_main('--list_presets')

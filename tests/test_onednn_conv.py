@@ -167,6 +167,7 @@ class LibraryConvolutionTest(absltest.TestCase):
     self.assertIn('bwbpf_onednn_conv_input_grad', text)
     self.assertIn('bwbpf_onednn_conv_kernel_grad', text)
 
+  @pytest.mark.slow
   def test_environment_switch_keeps_xla(self):
     # What XLA:CPU compiles, with the switch off (XLA's convolution) and on (oneDNN's).
     code = ('import jax, jax.numpy as jnp; from bwbpf_jax.models import layers, onednn_conv as o; '

@@ -182,6 +182,7 @@ class SummarizeTest(absltest.TestCase):
     self.assertEqual(_column(table, 'seeds'), ['0, 1', '0'])
     self.assertNotIn('log_every', table.splitlines()[0])
 
+  @pytest.mark.slow
   def test_csv_and_json_for_plotting(self):
     root = self.create_tempdir().full_path
     _write_run(root, 'a', 0.9, seed=0, lr=0.05)

@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import bwbpf_jax as bw
 from bwbpf_jax.errors import UsageError
@@ -139,6 +140,7 @@ class BadInputTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'unknown stem'):
       bw.build_model(SMALL, num_classes=10, stem='patch2')
 
+  @pytest.mark.slow  # Four command-line runs; the library errors above are the fast check.
   def test_command_line_errors_are_one_line_and_exit_2(self):
     cases = (
         (['--image_size=18'], 'patch size 4 does not divide the image size 18x18'),
@@ -171,6 +173,7 @@ class TransformerHeadTest(parameterized.TestCase):
   def test_attention_heads_divide_the_width(self):
     self.assertEqual([heads.attention_heads(d) for d in (24, 64, 192, 384, 200)], [1, 1, 3, 6, 2])
 
+  @pytest.mark.slow
   def test_on_a_cnn_and_refused_on_an_mlp_at_init(self):
     model = bw.build_model('vgg11', num_classes=10, num_blocks=2, width=0.125,
                            aux_head='transformer')
@@ -185,24 +188,21 @@ class TransformerHeadTest(parameterized.TestCase):
 
 
 class ModeTest(parameterized.TestCase):
+  """The fast tier keeps the transformer head's isolation; the rest is marked slow."""
 
-  @parameterized.parameters(*TOKEN_HEADS)
-  def test_bwbpf_every_token_head_is_isolated(self, aux_head):
-    test_step.check_bwbpf_isolation(self, _setup(4, aux_head=aux_head))
+  def test_bwbpf_transformer_head_is_isolated(self):
+    test_step.check_bwbpf_isolation(self, _setup(4, aux_head='transformer'))
 
-  @parameterized.parameters('transformer', 'linear')
-  def test_bwbpf_isolated_with_a_contrastive_loss(self, aux_head):
-    model, tx, states = _setup(2, aux_head=aux_head, local_loss='supcon')
-    self.assertIsInstance(model.blocks[0].head, heads.Objective)
-    test_step.check_bwbpf_isolation(self, (model, tx, states))
-
+  @pytest.mark.slow
   def test_bp_equals_jax_grad_of_the_plain_network(self):
     test_step.check_plain_backprop(self, SMALL, 2, width=WIDTH)
 
+  @pytest.mark.slow
   def test_deep_supervision_reaches_earlier_blocks(self):
     test_step.check_deep_supervision(self, _setup(2, mode='deep_supervision',
                                                   aux_head='transformer'))
 
+  @pytest.mark.slow
   def test_blockwise_step_equals_fused_step(self):
     model, tx, states = _setup(4, aux_head='transformer')
     copy = jax.tree_util.tree_map(jnp.copy, states)
@@ -214,9 +214,24 @@ class ModeTest(parameterized.TestCase):
     chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=1e-5)
 
 
+@pytest.mark.slow
+class MoreHeadsTest(parameterized.TestCase):
+  """Isolation with the other token heads and with the contrastive loss (slow tier)."""
+
+  @parameterized.parameters(*(head for head in TOKEN_HEADS if head != 'transformer'))
+  def test_bwbpf_every_other_token_head_is_isolated(self, aux_head):
+    test_step.check_bwbpf_isolation(self, _setup(4, aux_head=aux_head))
+
+  @parameterized.parameters('transformer', 'linear')
+  def test_bwbpf_isolated_with_a_contrastive_loss(self, aux_head):
+    model, tx, states = _setup(2, aux_head=aux_head, local_loss='supcon')
+    self.assertIsInstance(model.blocks[0].head, heads.Objective)
+    test_step.check_bwbpf_isolation(self, (model, tx, states))
+
 
 class SwitchBenchTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_switch_and_stacked_weights_give_the_plain_gradient_and_are_timed(self):
     from benchmarks import switch_bench  # pylint: disable=g-import-not-at-top
     result = switch_bench.measure(SMALL, WIDTH, num_blocks=4, batch_size=4, image_size=16,
