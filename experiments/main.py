@@ -270,20 +270,28 @@ def _exit_quietly_if_output_closed(write):
     os.close(devnull)
 
 
-def _quiet_closed_loop_callbacks():
-  """Drops the 'Event loop is closed' errors orbax's readers raise after a failed restore.
+def _quiet_unraisable_errors():
+  """Keeps two kinds of error Python cannot raise from printing tracebacks.
 
-  When one array of a corrupt checkpoint fails to read, orbax closes its event
-  loop while the other reads are still finishing; their callbacks then fail
-  into `sys.unraisablehook` and print tracebacks after the one-line error. They
-  say nothing more than that error; any other unraisable error is still shown.
+  - 'Event loop is closed', from orbax's readers after a failed restore: when one
+    array of a corrupt checkpoint fails to read, orbax closes its event loop while
+    the other reads are still finishing, and their callbacks fail here after the
+    one-line error, which says all they would.
+  - A stop a signal handler raised while a garbage-collection callback ran (JAX's
+    `_xla_gc_callback`): Python drops it here, and `stopping` raises it again
+    before the run writes anything (`stopping.raise_stop`).
+
+  Any other unraisable error is still shown.
   """
   default_hook = sys.unraisablehook
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
-      default_hook(unraisable)
+    error = unraisable.exc_value
+    if isinstance(error, stopping.Interrupted):
+      return
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    default_hook(unraisable)
   sys.unraisablehook = hook
 
 
@@ -309,7 +317,7 @@ def main(argv):
   # A log file gets every line as it is printed, not when a buffer fills.
   sys.stdout.reconfigure(line_buffering=True)
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is not news to a user.
-  _quiet_closed_loop_callbacks()
+  _quiet_unraisable_errors()
   from . import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   from bwbpf_jax import parallel  # pylint: disable=g-import-not-at-top
   # Signals now unwind (the workdir lock removes what it created); once the run writes its

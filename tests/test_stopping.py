@@ -2,11 +2,22 @@
 
 import gc
 import signal
+import sys
 
 from absl.testing import absltest
 import pytest
 
 from experiments import stopping
+
+
+class _FailsWhenCollected:
+  """Raises `error` from `__del__`, as any finaliser's error."""
+
+  def __init__(self, error):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
 
 
 class _RaisesWhenCollected:
@@ -49,6 +60,21 @@ class DroppedStopTest(absltest.TestCase):
     stop_signals.defer()
     self.assertTrue(stopping.run_started())
     stop_signals.restore()
+
+
+  def test_the_command_line_prints_no_traceback_for_a_dropped_stop_only(self):
+    from experiments import main  # pylint: disable=g-import-not-at-top
+    printed = []
+    saved = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: printed.append(unraisable.exc_value)
+    try:
+      main._quiet_unraisable_errors()  # Falls back to the hook above for other errors.
+      _RaisesWhenCollected(stopping.Interrupted('stopped by SIGINT', signal.SIGINT))
+      _FailsWhenCollected(ValueError('a real bug'))
+      gc.collect()
+    finally:
+      sys.unraisablehook = saved
+    self.assertEqual([type(error) for error in printed], [ValueError])
 
 
 if __name__ == '__main__':
