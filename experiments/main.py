@@ -278,21 +278,18 @@ def _quiet_unraisable_errors():
     the other reads are still finishing, and their callbacks fail here after the
     one-line error, which says all they would.
   - A stop a signal handler raised while a garbage-collection callback ran (JAX's
-    `_xla_gc_callback`): Python drops it here, and `stopping` raises it again
-    before the run writes anything (`stopping.raise_stop`).
+    `_xla_gc_callback`), which Python drops: `stopping` raises it again before the
+    run writes anything.
 
   Any other unraisable error is still shown.
   """
   default_hook = sys.unraisablehook
 
   def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, stopping.Interrupted):
-      return
-    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
-      return
-    default_hook(unraisable)
-  sys.unraisablehook = hook
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      default_hook(unraisable)
+  sys.unraisablehook = stopping.quiet_dropped_stops(hook)
 
 
 def _stop_now(signum, frame):  # pylint: disable=unused-argument

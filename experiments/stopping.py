@@ -71,6 +71,19 @@ def raise_dropped_stop():
     raise error
 
 
+def quiet_dropped_stops(hook):
+  """`hook` (a `sys.unraisablehook`) that prints nothing for a stop Python dropped.
+
+  Python reports the dropped exception through `sys.unraisablehook` ("Exception
+  ignored in ..." and a traceback); the stop is not lost (`raise_dropped_stop`),
+  so there is nothing to tell. Every other unraisable error goes to `hook`.
+  """
+  def quiet_hook(unraisable):
+    if not isinstance(unraisable.exc_value, Interrupted):
+      hook(unraisable)
+  return quiet_hook
+
+
 def handle_stop_signals(handler):
   """Installs `handler` for SIGINT and SIGTERM, except where they are ignored (nohup, `cmd &`)."""
   for signum in STOP_SIGNALS:

@@ -62,13 +62,12 @@ class DroppedStopTest(absltest.TestCase):
     stop_signals.restore()
 
 
-  def test_the_command_line_prints_no_traceback_for_a_dropped_stop_only(self):
-    from experiments import main  # pylint: disable=g-import-not-at-top
+  def test_no_traceback_for_a_dropped_stop_only(self):
     printed = []
     saved = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: printed.append(unraisable.exc_value)
+    sys.unraisablehook = stopping.quiet_dropped_stops(
+        lambda unraisable: printed.append(unraisable.exc_value))
     try:
-      main._quiet_unraisable_errors()  # Falls back to the hook above for other errors.
       _RaisesWhenCollected(stopping.Interrupted('stopped by SIGINT', signal.SIGINT))
       _FailsWhenCollected(ValueError('a real bug'))
       gc.collect()
