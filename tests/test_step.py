@@ -109,6 +109,19 @@ def check_bwbpf_isolation(test, setup):
                                     jax.tree_util.tree_map(jnp.zeros_like, grads[k][j]))
 
 
+def check_blockwise_equals_fused(setup, rtol=1e-6, atol=1e-7):
+  """Two block-wise steps (one jitted program a block) equal two fused steps, metrics too."""
+  model, tx, states = setup
+  copy = jax.tree_util.tree_map(jnp.copy, states)
+  fused = bw.make_train_step(model, tx)
+  blockwise = bw.make_blockwise_train_step(model, tx)
+  for seed in range(2):
+    states, fused_metrics = fused(states, _batch(seed=seed))
+    copy, blockwise_metrics = blockwise(copy, _batch(seed=seed))
+  chex.assert_trees_all_close(states, copy, rtol=rtol, atol=atol)
+  chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=rtol)
+
+
 def check_deep_supervision(test, setup):
   """Loss k reaches blocks 1..k (the reference code's behaviour) and no later block."""
   model, _, states = setup
@@ -211,15 +224,7 @@ class TrainStepTest(parameterized.TestCase):
                     f'{first["loss"]} -> {metrics["loss"]}')
 
   def test_blockwise_step_equals_fused_step(self):
-    model, tx, states = _setup('resnet18', 4, 'bwbpf')
-    copy = jax.tree_util.tree_map(jnp.copy, states)
-    fused = bw.make_train_step(model, tx)
-    blockwise = bw.make_blockwise_train_step(model, tx)
-    for seed in range(2):
-      states, fused_metrics = fused(states, _batch(seed=seed))
-      copy, blockwise_metrics = blockwise(copy, _batch(seed=seed))
-    chex.assert_trees_all_close(states, copy, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=1e-6)
+    check_blockwise_equals_fused(_setup('resnet18', 4, 'bwbpf'))
 
   def test_blockwise_step_refuses_modes_with_cross_block_gradients(self):
     model, tx, _ = _setup('vgg11', 2, 'deep_supervision')

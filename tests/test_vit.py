@@ -204,14 +204,8 @@ class ModeTest(parameterized.TestCase):
 
   @pytest.mark.slow
   def test_blockwise_step_equals_fused_step(self):
-    model, tx, states = _setup(4, aux_head='transformer')
-    copy = jax.tree_util.tree_map(jnp.copy, states)
-    fused, blockwise = bw.make_train_step(model, tx), bw.make_blockwise_train_step(model, tx)
-    for seed in range(2):
-      states, fused_metrics = fused(states, test_step._batch(seed=seed))
-      copy, blockwise_metrics = blockwise(copy, test_step._batch(seed=seed))
-    chex.assert_trees_all_close(states, copy, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(fused_metrics, blockwise_metrics, rtol=1e-5)
+    test_step.check_blockwise_equals_fused(_setup(4, aux_head='transformer'), rtol=1e-5,
+                                           atol=1e-6)
 
 
 @pytest.mark.slow
