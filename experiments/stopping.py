@@ -45,29 +45,31 @@ class Interrupted(Exception):
     self.signum = signum
 
 
-# Stops a signal handler raised that may not have reached the run: Python drops an
+# A stop a signal handler raised may not have reached the run: Python drops an
 # exception raised while a garbage-collection callback or a __del__ runs ("Exception
 # ignored in ...": JAX's _xla_gc_callback, often, while it starts), and the run would
 # go on as if no signal had come.
-_raised_stops = []
+_raised_stop = None  # The last stop `raise_stop` raised and the run has not yet received.
 
 
 def raise_stop(error: 'Interrupted'):
   """Raises `error` from a signal handler, and keeps it in case Python drops it."""
-  _raised_stops.append(error)
+  global _raised_stop
+  _raised_stop = error
   raise error
 
 
 def stop_delivered():
   """The stop `raise_stop` raised reached the run: nothing is left to raise again."""
-  _raised_stops.clear()
+  global _raised_stop
+  _raised_stop = None
 
 
 def raise_dropped_stop():
   """Raises again a stop whose exception Python dropped; nothing when there is none."""
-  if _raised_stops:
-    error = _raised_stops.pop()
-    _raised_stops.clear()
+  global _raised_stop
+  if _raised_stop is not None:
+    error, _raised_stop = _raised_stop, None
     raise error
 
 
