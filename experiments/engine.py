@@ -163,8 +163,6 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
                                     skip_nonfinite=config.skip_nonfinite,
                                     batch_norm=config.pipeline_batch_norm)
   per_step = functools.partial(parallel.step_metrics, num_microbatches=config.microbatches)
-  # Compiled now, not at the first segment's end, where it would count as training time.
-  drain_step = pipeline.drain.lower(pipeline.abstract_state()).compile()
 
   def train_step(states, batch):
     states, sums = pipeline.step(states, batch)
@@ -173,7 +171,7 @@ def _blocks_engine(config: Config, model, tx, image_shape) -> Engine:
   def drain(states, last_metrics):
     if plan.num_stages == 1 or last_metrics is None:
       return states, last_metrics
-    states, tail = drain_step(states)
+    states, tail = pipeline.drain(states)  # The step's own program, compiled by the first step.
     # step_metrics is linear in the sums: the last step's plus what the drain finished.
     return states, {name: last_metrics[name] + value for name, value in per_step(tail).items()}
 
