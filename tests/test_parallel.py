@@ -143,6 +143,8 @@ class SingleProcessTest(parameterized.TestCase):
   def test_initialize_distributed_is_a_no_op_for_one_process(self):
     self.assertEqual(parallel.initialize_distributed(num_processes=1), (0, 1))
     self.assertEqual(parallel.process_info(), (0, 1))
+    # JAX runs in this process already: it stays one process (a second run in a notebook).
+    self.assertEqual(parallel.initialize_distributed(), (0, 1))
     # With no arguments and no cluster around, JAX must not be touched (fresh process).
     code = ('from bwbpf_jax import parallel; import jax; '
             'print(parallel.initialize_distributed(), jax.distributed.is_initialized())')

@@ -20,7 +20,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   (missing ones are detected from the cluster, as JAX does). With none, JAX
   detects a TPU pod, SLURM, Open MPI or Kubernetes job (or reads
   JAX_COORDINATOR_ADDRESS); where it finds none this is one process and nothing
-  happens. `num_processes=1` is a no-op too, as is a second call.
+  happens. `num_processes=1` is a no-op too, as is a second call, and so is a
+  call with none once JAX has started (a notebook, a second run in one process:
+  a started process can join no other).
   CPU processes exchange data with gloo, JAX's default CPU collectives.
 
   Args:
@@ -40,6 +42,10 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     except ValueError as error:
       # JAX's words for "no cluster detected and no coordinator given": one process.
       if 'coordinator_address' not in str(error):
+        raise
+    except RuntimeError as error:
+      # JAX's words for "this process has started its backend": it stays one process.
+      if 'must be called before' not in str(error):
         raise
   else:
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
