@@ -25,6 +25,52 @@ def run_main(*flags, timeout=300, env=None):
                         env=environ, capture_output=True, text=True, timeout=timeout)
 
 
+# experiments.main on several flag lists, one after another in one fresh process: absl's
+# app.run parses the flags again on each call (unparsed first, so nothing carries over from
+# the case before), and each call's exit code, stdout and stderr (absl logging's included)
+# are captured. It saves a process start (imports, data loading) per case: for checks of
+# what a run prints and returns, not of process-wide things (signals, the unraisable hook).
+_MAIN_CASES = r"""
+import contextlib, io, json, sys, traceback
+from absl import app
+from absl import logging
+from experiments import main
+logging.use_absl_handler()
+results, real_stdout = [], sys.stdout
+for flags in json.load(sys.stdin):
+  main.FLAGS.unparse_flags()
+  out, err = (io.TextIOWrapper(io.BytesIO(), write_through=True) for _ in range(2))
+  logging.get_absl_handler().python_handler.setStream(err)
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      app.run(main.main, argv=['experiments.main', *flags], flags_parser=main._parse_flags)
+      code = 0
+    except SystemExit as e:
+      code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    except BaseException:  # What Python would print before exiting with 1.
+      traceback.print_exc()
+      code = 1
+  results.append(dict(returncode=code, stdout=out.buffer.getvalue().decode(),
+                      stderr=err.buffer.getvalue().decode()))
+print(json.dumps(results), file=real_stdout)
+"""
+
+
+def run_main_cases(cases, timeout=300, env=None) -> list:
+  """`experiments.main` on each flag list of `cases` in one fresh process (see _MAIN_CASES).
+
+  Returns a CompletedProcess per case (args, returncode, stdout, stderr), as run_main does.
+  """
+  environ = {**os.environ, 'PYTHONPATH': REPO, **(env or {})}
+  proc = subprocess.run([sys.executable, '-c', _MAIN_CASES], cwd=REPO, env=environ,
+                        input=json.dumps([list(flags) for flags in cases]),
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
+  results = json.loads(proc.stdout.splitlines()[-1])
+  return [subprocess.CompletedProcess(list(flags), **result)
+          for flags, result in zip(cases, results)]
+
+
 def _stderr_lines(proc):
   return [l for l in proc.stderr.splitlines() if l.strip()]
 
@@ -202,76 +248,83 @@ FLAG_ERRORS = (
      '--num_blocks=1 has none'),
 )
 # One of each kind in the fast tier: a flag absl refuses, flags that contradict each
-# other, a model that cannot be built, a stray argument, a preset near miss.
-FAST_FLAG_ERRORS = ('unknown_arch', 'split_points_against_num_blocks', 'too_many_blocks',
-                    'stray_argument', 'preset_near_miss')
+# other, a stray argument, a preset near miss, a model that cannot be built (last: the one
+# BadInputTest also runs in a process of its own).
+FAST_FLAG_ERRORS = ('unknown_arch', 'split_points_against_num_blocks', 'stray_argument',
+                    'preset_near_miss', 'too_many_blocks')
 
 
-def check_flag_error(test, flags, expected):
-  proc = run_main(*flags, '--max_steps=1', f'--workdir={test.create_tempdir().full_path}')
+def assert_flag_error(test, proc, expected):
+  """`proc` (a CompletedProcess) failed as a user's mistake should: exit 2, one line."""
   test.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
   test.assertNotIn('Traceback', proc.stderr)
   test.assertLen(_stderr_lines(proc), 1, proc.stderr)
   test.assertIn(expected, _stderr_lines(proc)[0])
 
 
+def check_flag_errors(test, cases, env=None):
+  """Runs each (flags, expected) of `cases` (one process) and asserts each a flag error; returns them."""
+  procs = run_main_cases([(*flags, '--max_steps=1', f'--workdir={test.create_tempdir().full_path}')
+                          for flags, _ in cases], env=env)
+  for (flags, expected), proc in zip(cases, procs):
+    with test.subTest(flags=flags):
+      assert_flag_error(test, proc, expected)
+  return procs
+
+
 @pytest.mark.slow
 class MoreFlagErrorsTest(parameterized.TestCase):
-  """FLAG_ERRORS beyond the fast tier's."""
+  """FLAG_ERRORS beyond the fast tier's, in one process (run_main_cases)."""
 
-  @parameterized.named_parameters(*[c for c in FLAG_ERRORS if c[0] not in FAST_FLAG_ERRORS])
-  def test_flag_errors_are_one_line_and_exit_2(self, flags, expected):
-    check_flag_error(self, flags, expected)
+  def test_flag_errors_are_one_line_and_exit_2(self):
+    check_flag_errors(self, [(flags, expected) for name, flags, expected in FLAG_ERRORS
+                             if name not in FAST_FLAG_ERRORS])
+
+
+def _image_folder(root, classes, broken=None):
+  """A train/test image folder of 4 small PNGs a class (and `broken`, not an image, in train)."""
+  for split in ('train', 'test'):
+    for label in classes:
+      os.makedirs(os.path.join(root, split, label))
+      for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+            os.path.join(root, split, label, f'{i}.png'))
+  if broken:
+    with open(os.path.join(root, 'train', broken), 'wb') as f:
+      f.write(b'not a png')
+  return root
 
 
 class BadInputTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(*[c for c in FLAG_ERRORS if c[0] in FAST_FLAG_ERRORS])
-  def test_flag_errors_are_one_line_and_exit_2(self, flags, expected):
-    check_flag_error(self, flags, expected)
+  def test_flag_errors_are_one_line_and_exit_2(self):
+    fast = sorted((c for c in FLAG_ERRORS if c[0] in FAST_FLAG_ERRORS),
+                  key=lambda c: FAST_FLAG_ERRORS.index(c[0]))
+    procs = check_flag_errors(self, [(flags, expected) for _, flags, expected in fast])
+    # The last one the same in a process of its own: what the cases before it set in the
+    # shared process leaked into none of them, and exit code and stderr are the process's.
+    alone = run_main(*procs[-1].args)
+    self.assertEqual((procs[-1].returncode, procs[-1].stderr), (alone.returncode, alone.stderr))
 
-  def test_missing_data_folder(self):
-    proc = run_main('--dataset=imagefolder', '--data_dir=/nonexistent/cifar', '--max_steps=1',
-                    f'--workdir={self.create_tempdir().full_path}')
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertNotIn('Traceback', proc.stderr)
-    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
-    self.assertIn('/nonexistent/cifar', _stderr_lines(proc)[0])
-
-  def test_one_class_folder_is_refused(self):
-    root = self.create_tempdir().full_path
-    for split in ('train', 'test'):
-      os.makedirs(os.path.join(root, split, 'cat'))
-      for i in range(4):
-        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
-            os.path.join(root, split, 'cat', f'{i}.png'))
-    workdir = os.path.join(self.create_tempdir().full_path, 'run')
-    proc = run_main('--dataset=imagefolder', f'--data_dir={root}', '--max_steps=1',
-                    f'--workdir={workdir}',
-                    env={'BWBPF_CACHE_DIR': self.create_tempdir().full_path})
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertEqual(_stderr_only_line(proc),
-                     f'error: {root}/train has one class folder (cat); a classifier needs at '
-                     f'least two: add a folder of images for each class.')
-    self.assertFalse(os.path.exists(workdir))
-
-  def test_unreadable_image_is_named(self):
-    root = self.create_tempdir().full_path
-    for split in ('train', 'test'):
-      for label in ('cat', 'dog'):
-        os.makedirs(os.path.join(root, split, label))
-        for i in range(4):
-          Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
-              os.path.join(root, split, label, f'{i}.png'))
-    with open(os.path.join(root, 'train', 'dog', 'broken.png'), 'wb') as f:
-      f.write(b'not a png')
-    proc = run_main('--dataset=imagefolder', f'--data_dir={root}', '--max_steps=1',
-                    f'--workdir={self.create_tempdir().full_path}',
-                    env={'BWBPF_CACHE_DIR': self.create_tempdir().full_path})
-    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
-    self.assertNotIn('Traceback', proc.stderr)
-    self.assertLen(_stderr_lines(proc), 1, proc.stderr)
-    self.assertIn('broken.png', _stderr_lines(proc)[0])
+  def test_bad_data_is_one_line_naming_it(self):
+    one_class = _image_folder(self.create_tempdir().full_path, ['cat'])
+    broken = _image_folder(self.create_tempdir().full_path, ['cat', 'dog'],
+                           broken=os.path.join('dog', 'broken.png'))
+    workdirs = [os.path.join(self.create_tempdir().full_path, 'run') for _ in range(3)]
+    procs = run_main_cases(
+        [('--dataset=imagefolder', f'--data_dir={root}', '--max_steps=1', f'--workdir={workdir}')
+         for root, workdir in zip(('/nonexistent/cifar', one_class, broken), workdirs)],
+        env={'BWBPF_CACHE_DIR': self.create_tempdir().full_path})
+    expected = ('/nonexistent/cifar',
+                f'error: {one_class}/train has one class folder (cat); a classifier needs at '
+                f'least two: add a folder of images for each class.',
+                'broken.png')
+    for proc, line, workdir in zip(procs, expected, workdirs):
+      self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+      self.assertNotIn('Traceback', proc.stderr)
+      self.assertIn(line, _stderr_only_line(proc))
+      self.assertFalse(os.path.exists(workdir))
+    self.assertEqual(_stderr_only_line(procs[1]), expected[1])
 
 
 class WorkdirTest(absltest.TestCase):
@@ -373,12 +426,28 @@ class WorkdirTest(absltest.TestCase):
 class ExitCodeTest(parameterized.TestCase):
   """The documented exit codes (experiments/main.py, README.md), where a user meets them."""
 
-  @parameterized.parameters('--help', '-h', '--helpfull')
-  def test_help_exits_0(self, flag):
-    proc = run_main(flag)
-    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
-    self.assertIn('--num_blocks', proc.stdout)
-    self.assertEqual(proc.stderr, '')
+  def test_help_and_list_presets_exit_0(self):
+    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
+    *procs, listed = run_main_cases([['--help'], ['-h'], ['--helpfull'], ['--list_presets']])
+    for proc in procs:
+      self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+      self.assertIn('--num_blocks', proc.stdout)
+      self.assertEqual(proc.stderr, '')
+    self.assertEqual(listed.returncode, 0, listed.stderr[-2000:])
+    self.assertEqual([line.split(':')[0] for line in listed.stdout.splitlines()],
+                     list(config_lib.PRESETS))
+    self.assertIn('paper_cifar10_resnet101_k8: dataset=cifar10, arch=resnet101, num_blocks=8',
+                  listed.stdout)
+    for name in config_lib.PRESETS:  # --helpfull names them too.
+      self.assertIn(name, procs[2].stdout)
+    stdout = procs[0].stdout
+    headings = [line for line in stdout.splitlines() if re.fullmatch(r'[a-z]+:', line)]
+    self.assertEqual(headings, ['presets:', 'data:', 'model:', 'training:', 'parallel:',
+                                'output:'])
+    model = stdout.split('\nmodel:\n')[1].split('\ntraining:\n')[0]
+    self.assertIn('--num_blocks: K, blocks the network is cut into', model)
+    self.assertIn('--arch: Architecture: vgg11', model)
+    self.assertIn('package.module:function', model)
 
   @pytest.mark.slow
   def test_run_piped_into_head_stops_with_a_checkpoint(self):
@@ -460,33 +529,6 @@ class GeneratedFlagsTest(absltest.TestCase):
       lines = checked['bad_stderr'].splitlines()
       self.assertLen(lines, 1, name)
       self.assertRegex(lines[0], rf'^error: flag --{name}=', name)
-
-  def test_help_groups_the_flags(self):
-    proc = run_main('--help')
-    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
-    headings = [line for line in proc.stdout.splitlines() if re.fullmatch(r'[a-z]+:', line)]
-    self.assertEqual(headings, ['presets:', 'data:', 'model:', 'training:', 'parallel:',
-                                'output:'])
-    model = proc.stdout.split('\nmodel:\n')[1].split('\ntraining:\n')[0]
-    self.assertIn('--num_blocks: K, blocks the network is cut into', model)
-    self.assertIn('--arch: Architecture: vgg11', model)
-    self.assertIn('package.module:function', model)
-
-
-class PresetsTest(absltest.TestCase):
-
-  @pytest.mark.slow
-  def test_list_presets_and_helpfull_name_them(self):
-    from experiments import config as config_lib  # pylint: disable=g-import-not-at-top
-    listed = run_main('--list_presets')
-    self.assertEqual(listed.returncode, 0, listed.stderr[-2000:])
-    self.assertEqual([line.split(':')[0] for line in listed.stdout.splitlines()],
-                     list(config_lib.PRESETS))
-    self.assertIn('paper_cifar10_resnet101_k8: dataset=cifar10, arch=resnet101, num_blocks=8',
-                  listed.stdout)
-    helpfull = run_main('--helpfull')
-    for name in config_lib.PRESETS:
-      self.assertIn(name, helpfull.stdout)
 
 
 class ConfigTest(absltest.TestCase):

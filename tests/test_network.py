@@ -430,10 +430,11 @@ class CommandLineTest(absltest.TestCase):
                     'cannot cut 4 units into 5 blocks',
                 '--arch=vgg7': 'unknown --arch=vgg7',
                 '--arch=user_networks:small_cnn --width=0.5': '--width shapes the built-in'}
-    for flags, message in mistakes.items():
-      workdir = os.path.join(self.create_tempdir().full_path, 'run')
-      proc = test_main.run_main(*SMALL, *flags.split(), '--max_steps=1', f'--workdir={workdir}',
-                                env=_user_env())
+    workdirs = [os.path.join(self.create_tempdir().full_path, 'run') for _ in mistakes]
+    procs = test_main.run_main_cases(
+        [(*SMALL, *flags.split(), '--max_steps=1', f'--workdir={workdir}')
+         for flags, workdir in zip(mistakes, workdirs)], env=_user_env())
+    for (flags, message), proc, workdir in zip(mistakes.items(), procs, workdirs):
       self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
       lines = [line for line in proc.stderr.splitlines() if line.strip()]
       self.assertLen(lines, 1, proc.stderr)

@@ -18,6 +18,8 @@ import time
 from absl.testing import absltest
 import pytest
 
+import test_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every test here runs the command line, some several times.
 pytestmark = pytest.mark.slow
@@ -372,8 +374,10 @@ class ResumeTest(absltest.TestCase):
 
   def test_bad_resume_from(self):
     workdir = self._copy_of_reference()
-    for value, expected in (('7', 'no checkpoint of step 7 in '), ('best', 'must be latest')):
-      proc = run_main(*SMALL, f'--resume_from={value}', f'--workdir={workdir}')
+    cases = (('7', 'no checkpoint of step 7 in '), ('best', 'must be latest'))
+    procs = test_main.run_main_cases([(*SMALL, f'--resume_from={value}', f'--workdir={workdir}')
+                                      for value, _ in cases])
+    for (_, expected), proc in zip(cases, procs):
       self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
       self.assertIn(expected, _stderr_lines(proc)[-1])
 

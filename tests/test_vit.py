@@ -140,7 +140,7 @@ class BadInputTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'unknown stem'):
       bw.build_model(SMALL, num_classes=10, stem='patch2')
 
-  @pytest.mark.slow  # Four command-line runs; the library errors above are the fast check.
+  @pytest.mark.slow  # Four command-line runs (one process); the library errors above are the fast check.
   def test_command_line_errors_are_one_line_and_exit_2(self):
     cases = (
         (['--image_size=18'], 'patch size 4 does not divide the image size 18x18'),
@@ -148,9 +148,9 @@ class BadInputTest(parameterized.TestCase):
         (['--aux_head=dgl'], 'the dgl head reads [B, H, W, C]'),
         (['--local_loss=xent_recon'], 'reconstruction decoder head reads'),
     )
-    for flags, expected in cases:
-      test_main.check_flag_error(self, ['--dataset=digits', f'--arch={SMALL}', '--width=0.125',
-                                        '--num_blocks=2', *flags], expected)
+    test_main.check_flag_errors(self, [(['--dataset=digits', f'--arch={SMALL}', '--width=0.125',
+                                         '--num_blocks=2', *flags], expected)
+                                       for flags, expected in cases])
 
 
 class TransformerHeadTest(parameterized.TestCase):
