@@ -69,6 +69,29 @@ def test_digits_split_is_fixed():
   np.testing.assert_array_equal(first.test_labels, second.test_labels)
 
 
+def test_digits_are_kept_in_the_cache_folder(tmp_path, monkeypatch):
+  first = data.load_dataset('digits', cache_dir=str(tmp_path))
+  (path,) = tmp_path.glob('digits-32px-sklearn*.npz')
+  fresh = datasets._split_digits(32)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(first.train_images, fresh['train_images'])
+  np.testing.assert_array_equal(first.test_labels, fresh['test_labels'])
+
+  def no_scikit_learn(image_size):
+    raise AssertionError(f'scikit-learn asked again for {image_size}px digits')
+  monkeypatch.setattr(datasets, '_split_digits', no_scikit_learn)
+  second = data.load_dataset('digits', cache_dir=str(tmp_path))  # From the file alone.
+  for name in ('train_images', 'train_labels', 'test_images', 'test_labels'):
+    np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+  assert second.class_names == tuple('0123456789')
+  # A damaged file is made again, and another size is another file.
+  path.write_bytes(b'not an npz')
+  monkeypatch.undo()
+  np.testing.assert_array_equal(data.load_dataset('digits', cache_dir=str(tmp_path)).train_images,
+                                first.train_images)
+  data.load_dataset('digits', cache_dir=str(tmp_path), image_size=16)
+  assert len(list(tmp_path.glob('digits-*.npz'))) == 2
+
+
 def test_digits_image_size():
   assert data.load_dataset('digits', image_size=16).train_images.shape == (1437, 16, 16, 1)
 
