@@ -15,6 +15,7 @@ folder is trimmed to its newest entries when it grows past `_CACHE_MAX_BYTES`.
 """
 
 import os
+import signal
 
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
@@ -67,6 +68,20 @@ def _use_persistent_compilation_cache() -> None:
 
 
 _use_persistent_compilation_cache()
+
+
+def _receive_sigint_as_a_terminal_would() -> None:
+  """Undoes an inherited 'SIGINT ignored' in this process, and so in those it starts.
+
+  A suite started in the background of a script (`pytest ... &`) inherits SIGINT
+  ignored; the command-line runs the tests start would then keep ignoring it, as a
+  user's background run rightly does, and the tests that send one a Ctrl-C fail.
+  """
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_receive_sigint_as_a_terminal_would()
 
 import jax  # pylint: disable=g-import-not-at-top
 
