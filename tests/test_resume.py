@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from absl.testing import absltest
 import pytest
 
 import test_main
+import test_writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every test here runs the command line, some several times.
@@ -66,26 +66,6 @@ def _checkpoint_steps(workdir):
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
-def _tensorboard_steps(workdir, tag) -> list:
-  """The steps of `tag`'s values in the run's TensorBoard event files.
-
-  Read with tensorboardX's protos, not TensorFlow (seconds to import): each file is
-  TFRecords, a record being its length (uint64), a checksum, the Event, a checksum.
-  """
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  steps = set()
-  for path in glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*')):
-    with open(path, 'rb') as f:
-      records = f.read()
-    offset = 0
-    while offset < len(records):
-      (length,) = struct.unpack('<Q', records[offset:offset + 8])
-      event = event_pb2.Event.FromString(records[offset + 12:offset + 12 + length])
-      offset += 12 + length + 4
-      steps.update(event.step for value in event.summary.value if value.tag == tag)
-  return sorted(steps)
 
 
 class _Background:
@@ -357,7 +337,8 @@ class ResumeTest(absltest.TestCase):
     for step in (2, 4, 6):
       self.assertRegex(proc.stdout, rf'epoch +{step / 22:.2f}  step +{step}  train loss \[')
     # TensorBoard gets the same records.
-    self.assertEqual(_tensorboard_steps(workdir, 'train/loss/block1'), [2, 4, 6])
+    self.assertEqual(sorted(test_writers.tensorboard_scalars(workdir)['train/loss/block1']),
+                     [2, 4, 6])
 
   def test_another_runs_config_is_refused_unless_overwrite(self):
     workdir = self._copy_of_reference()

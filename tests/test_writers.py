@@ -13,7 +13,7 @@ import pytest
 from experiments import writers
 
 
-def _tensorboard_scalars(workdir):
+def tensorboard_scalars(workdir):
   """{tag: {step: value}} read back from the TensorBoard event files (TFRecord framing)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   scalars = {}
@@ -46,7 +46,7 @@ def test_metric_writer_numbers_blocks_from_one_and_logs_rate_and_time(tmp_path):
           records[0]['elapsed_s']) == (0.05, 480.0, 3.5)
   assert records[1]['loss'][2] == 'nan'  # JSON has no NaN; it is kept as a string.
 
-  scalars = _tensorboard_scalars(workdir)
+  scalars = tensorboard_scalars(workdir)
   assert {'train/loss/block1', 'train/loss/block2', 'train/loss/block3'} <= set(scalars)
   assert 'train/loss/block0' not in scalars and 'train/loss/block4' not in scalars
   assert scalars['train/loss/block1'] == {10: 2.0}
