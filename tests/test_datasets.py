@@ -92,6 +92,15 @@ def test_digits_are_kept_in_the_cache_folder(tmp_path, monkeypatch):
   assert len(list(tmp_path.glob('digits-*.npz'))) == 2
 
 
+def test_digits_without_scikit_learn_is_one_line(tmp_path, monkeypatch):
+  def not_installed(name):
+    raise datasets.importlib.metadata.PackageNotFoundError(name)
+  monkeypatch.setattr(datasets.importlib.metadata, 'version', not_installed)
+  with pytest.raises(UsageError, match='the digits dataset comes with scikit-learn, which is '
+                                       'not installed: pip install scikit-learn'):
+    data.load_dataset('digits', cache_dir=str(tmp_path))
+
+
 def test_digits_image_size():
   assert data.load_dataset('digits', image_size=16).train_images.shape == (1437, 16, 16, 1)
 

@@ -167,8 +167,12 @@ def load_dataset(name: str,
 
 def _load_digits(image_size: int, cache_dir: str) -> Dataset:
   """scikit-learn's 1,797 digits, 0..16 scaled to 0..255, split 80/20 by class (cached)."""
-  cache_path = os.path.join(
-      cache_dir, f'digits-{image_size}px-sklearn{importlib.metadata.version("scikit-learn")}.npz')
+  try:
+    version = importlib.metadata.version('scikit-learn')
+  except importlib.metadata.PackageNotFoundError:
+    raise UsageError('the digits dataset comes with scikit-learn, which is not installed: '
+                     'pip install scikit-learn (or the library\'s experiments extra)') from None
+  cache_path = os.path.join(cache_dir, f'digits-{image_size}px-sklearn{version}.npz')
   arrays = _read_cache(cache_path)
   if arrays is None:
     arrays = _split_digits(image_size)
