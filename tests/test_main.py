@@ -263,9 +263,13 @@ def assert_flag_error(test, proc, expected):
 
 
 def check_flag_errors(test, cases, env=None):
-  """Runs each (flags, expected) of `cases` (one process) and asserts each a flag error; returns them."""
-  procs = run_main_cases([(*flags, '--max_steps=1', f'--workdir={test.create_tempdir().full_path}')
-                          for flags, _ in cases], env=env)
+  """Runs each (flags, expected) of `cases` in one process, asserts each a flag error.
+
+  Returns the runs (CompletedProcess).
+  """
+  procs = run_main_cases(
+      [(*flags, '--max_steps=1', f'--workdir={test.create_tempdir().full_path}')
+       for flags, _ in cases], env=env)
   for (flags, expected), proc in zip(cases, procs):
     with test.subTest(flags=flags):
       assert_flag_error(test, proc, expected)

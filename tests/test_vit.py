@@ -140,7 +140,7 @@ class BadInputTest(parameterized.TestCase):
     with self.assertRaisesRegex(UsageError, 'unknown stem'):
       bw.build_model(SMALL, num_classes=10, stem='patch2')
 
-  @pytest.mark.slow  # Four command-line runs (one process); the library errors above are the fast check.
+  @pytest.mark.slow  # Four command-line runs in a process; the fast check: the library errors.
   def test_command_line_errors_are_one_line_and_exit_2(self):
     cases = (
         (['--image_size=18'], 'patch size 4 does not divide the image size 18x18'),

@@ -54,8 +54,9 @@ per `drain` (before evaluation and checkpoints), not per step. Bubble slots
 (before the pipeline is full, and while draining) are masked: they change no
 state and no optimizer step count. A micro-batch whose labels are
 `EMPTY_LABEL` is such a bubble: `drain` steps on batches of them, so it runs
-the step's own program and no second one is compiled. Evaluation (`evaluate`) is pipelined the
-same way, each stage running its blocks' heads in inference mode.
+the step's own program and no second one is compiled. Evaluation (`evaluate`)
+is pipelined the same way, each stage running its blocks' heads in inference
+mode.
 
 Per-block metrics are summed per stage on its devices and gathered once per
 call (a few floats per block), outside the switch.
