@@ -590,7 +590,11 @@ class StagePipeline:
     return state, total
 
   def _step(self, state: PipelineState, batch: dict):
-    """M ticks, each feeding one micro-batch of `batch`; returns (state, metrics [K])."""
+    """M ticks, each feeding one micro-batch of `batch`; returns (state, metrics [K]).
+
+    Labels are class indices; a micro-batch of `EMPTY_LABEL` labels (what `drain`
+    feeds) is a bubble: it changes no state and counts in no metric.
+    """
     feed = {'image': batch['image'], 'label': batch['label']}
     feed_spec = self._per_example_spec
     state_specs = (_spec(STAGE_AXIS), feed_spec, feed_spec, feed_spec)
