@@ -633,38 +633,39 @@ class StagePipeline:
 
   # -- per device
 
-  def _ticks(self, tick, carry, feed, num_idle: int, idle_item: dict):
-    """Runs `tick(carry, item, fed)` over the fed micro-batches, then `num_idle` empty ticks.
+  def _ticks(self, tick, carry, feed, num_idle: int = 0):
+    """Runs `tick(carry, item)` over the fed micro-batches, then `num_idle` empty ones.
 
     `feed` holds this device's c micro-batch slots ([c, b_d, ...] leaves); the
     fed ticks run in S segments, segment j taking its micro-batches from stage
     j's slots (sent to stage 0, the only reader, by a `ppermute` outside any
-    conditional).
+    conditional). An empty micro-batch (labels `EMPTY_LABEL`) is a bubble.
     """
     c = self.feed_slots
-    if feed is not None:
-      for owner in range(self.plan.num_stages):
-        count = min(c, self.num_microbatches - owner * c)
-        if count <= 0:
-          break
+    for owner in range(self.plan.num_stages):
+      count = min(c, self.num_microbatches - owner * c)
+      if count <= 0:
+        break
 
-        def fed_tick(carry, slot, owner=owner):
-          item = jax.tree_util.tree_map(lambda x: x[slot], feed)
-          if owner:
-            item = _permute_as_one(item, [(owner, 0)])
-          return tick(carry, item, True), None
-        carry, _ = lax.scan(fed_tick, carry, jnp.arange(count))
+      def fed_tick(carry, slot, owner=owner):
+        item = jax.tree_util.tree_map(lambda x: x[slot], feed)
+        if owner:
+          item = _permute_as_one(item, [(owner, 0)])
+        return tick(carry, item), None
+      carry, _ = lax.scan(fed_tick, carry, jnp.arange(count))
     if num_idle:
-      idle = self._per_example_varying(idle_item)
-      carry, _ = lax.scan(lambda carry, _: (tick(carry, idle, False), None), carry, None,
+      empty = self._per_example_varying(self._empty_item(tuple(feed)))
+      carry, _ = lax.scan(lambda carry, _: (tick(carry, empty), None), carry, None,
                           length=num_idle)
     return carry
 
-  def _idle_item(self, names) -> dict:
+  def _empty_item(self, names) -> dict:
+    """One device's share of an empty micro-batch: zeros, labels `EMPTY_LABEL`."""
     b = self.microbatch_size // self.num_rows
-    shapes = {'image': ((b,) + self.plan.input_shapes[0], jnp.float32),
-              'label': ((b,), jnp.int32), 'mask': ((b,), jnp.float32)}
-    return {name: jnp.zeros(*shapes[name]) for name in names}
+    empty = {'image': jnp.zeros((b,) + self.plan.input_shapes[0], jnp.float32),
+             'label': jnp.full((b,), EMPTY_LABEL, jnp.int32),
+             'mask': jnp.zeros((b,), jnp.float32)}
+    return {name: empty[name] for name in names}
 
   @property
   def _per_example_spec(self):
@@ -698,8 +699,7 @@ class StagePipeline:
     statistics = lambda: (layers.batch_stats_over(DATA_AXIS) if self.batch_norm == 'global'
                           else contextlib.nullcontext())
 
-    def tick(carry, item, fed):
-      del fed  # Every tick is fed; an empty micro-batch (drain) says so by its labels.
+    def tick(carry, item):
       state, x, x_labels, x_valid, sums, count = carry
       first = stage == 0
       # An empty micro-batch trains as label 0 (its result is masked), as a bubble.
@@ -725,7 +725,7 @@ class StagePipeline:
     init = (stages[0], activations[0], act_labels[0], act_valid[0],
             _stage_only(jnp.zeros((len(_METRICS), plan.blocks_per_stage), jnp.float32)),
             _stage_only(jnp.zeros((), jnp.float32)))
-    state, x, x_labels, x_valid, sums, count = self._ticks(tick, init, feed, 0, None)
+    state, x, x_labels, x_valid, sums, count = self._ticks(tick, init, feed)
     # A few floats per block, gathered once per call, outside any conditional.
     sums, counts = _gather_over_stages((sums, count))
     return state[None], x[None], x_labels[None], x_valid[None], sums, counts
@@ -794,12 +794,12 @@ class StagePipeline:
     branches = [functools.partial(self._stage_evaluate, s) for s in range(num_stages)]
     state = stages[0]
 
-    def tick(carry, item, fed):
+    def tick(carry, item):
       x, x_labels, x_mask, x_valid, sums, count = carry
       first = stage == 0
-      labels = jnp.where(first, item['label'], x_labels)
+      labels = jnp.where(first, jnp.maximum(item['label'], 0), x_labels)
       mask = jnp.where(first, item['mask'], x_mask)
-      valid = jnp.where(first, fed, x_valid)
+      valid = jnp.where(first, item['label'][0] != EMPTY_LABEL, x_valid)
       with layers.per_device_code():
         out, block_sums = lax.switch(stage, branches, state, item['image'], x, labels, mask)
       sums = sums + jnp.where(valid, block_sums, 0.0)
@@ -813,8 +813,7 @@ class StagePipeline:
         jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.float32), jnp.zeros((), bool),
         jnp.zeros((len(_EVAL_METRICS), plan.blocks_per_stage), jnp.float32),
         jnp.zeros((), jnp.float32)))
-    *_, sums, count = self._ticks(tick, init, feed, num_stages - 1,
-                                  self._idle_item(('image', 'label', 'mask')))
+    *_, sums, count = self._ticks(tick, init, feed, num_idle=num_stages - 1)
     # Sums over the data rows' examples, then every stage's, outside any conditional.
     if self.num_rows > 1:
       sums, count = lax.psum((sums, count), DATA_AXIS)
