@@ -26,24 +26,37 @@ from bwbpf_jax.splits import balanced_split_points
 from bwbpf_jax.state import abstract_block_states
 
 
-def _flops(fn, *args) -> float:
+def _lowered(fn, *args):
   with layers.xla_convolutions():
-    lowered = jax.jit(fn).lower(*args)
+    return jax.jit(fn).lower(*args)
+
+
+def _flops(lowered) -> float:
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0)) if cost else 0.0
-
-
-def _block_forward(block, variables, x, image_shape):
-  return block.apply(variables, x, train=False, image_shape=image_shape)
 
 
 def _block_features(block, variables, x):
   return block.apply(variables, x, train=False, method='features')
 
 
+def _head_alone(block, variables, features, image_shape):
+  """The block's head on its backbone part's output, as `Block.__call__` runs it."""
+  def head(module, features):
+    with layers.library_layers():
+      if isinstance(module.head, models.heads.Objective):
+        return module.head(features, train=False, image_shape=image_shape)
+      return module.head(features, train=False)
+  return block.apply(variables, features, method=head)
+
+
 def flop_counts(model: PartitionedModel, input_shape) -> dict:
   """FLOPs per image of each block's backbone part and of its head, inference forward.
+
+  Each block's backbone part and its head are lowered once each, the head on the
+  backbone part's output shape (the lowering gives it): the backbone, by far the
+  larger program, is traced once, not again as part of the whole block.
 
   Args:
     model: the partitioned network.
@@ -60,12 +73,11 @@ def flop_counts(model: PartitionedModel, input_shape) -> dict:
   backbone, head = [], []
   for block, state in zip(model.blocks, states):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    whole = _flops(functools.partial(_block_forward, block, image_shape=image_shape), variables,
-                   x)
-    features = _flops(functools.partial(_block_features, block), variables, x)
-    backbone.append(features)
-    head.append(whole - features)
-    x = jax.eval_shape(functools.partial(_block_features, block), variables, x)
+    features = _lowered(functools.partial(_block_features, block), variables, x)
+    backbone.append(_flops(features))
+    x = features.out_info
+    head.append(_flops(_lowered(
+        functools.partial(_head_alone, block, image_shape=image_shape), variables, x)))
   return {'backbone': backbone, 'head': head}
 
 
