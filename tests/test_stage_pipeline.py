@@ -163,42 +163,38 @@ class OneDeviceTest(parameterized.TestCase):
       self.assertNotIn(' --', message)  # No command-line flags for a Python caller.
 
   @pytest.mark.slow
-  def test_two_processes_of_4_devices_equal_one_process_of_8(self):
-    with tempfile.TemporaryDirectory() as out_dir:
-      one = run_workers(os.path.join(out_dir, 'one'), num_processes=1, local_devices=8,
-                        engine='pipeline')
-      two = run_workers(os.path.join(out_dir, 'two'), num_processes=2, local_devices=4,
-                        engine='pipeline')
-    self.assertEqual([r['global_devices'] for r in one + two], [8, 8, 8])
-    self.assertEqual([r['mesh'] for r in one + two], [[2, 4]] * 3)
-    self.assertEqual(two[0]['digest'], two[1]['digest'])  # Both processes hold the result.
-    # Different collectives (in-process against gloo) may sum in another order.
-    np.testing.assert_allclose(two[0]['loss'], one[0]['loss'], rtol=1e-5)
-    for process in two:  # Each holds one data row: every stage.
-      chex.assert_trees_all_close(process['stages'], one[0]['stages'], rtol=RTOL, atol=ATOL)
-
-  @pytest.mark.slow
-  def test_one_device_per_process_equals_one_process_of_4_devices(self):
-    # One CPU device per process, as on accelerators: 4 processes are 2 stages x 2 rows,
-    # so the handoffs and the data all-reduce both cross processes. (2 processes of one
-    # device, the one-row program, run from the command line in test_network.py's
-    # CommandLineTest, against the same pipeline in one process.)
+  def test_processes_of_two_devices_or_one_equal_one_process(self):
+    # One mesh, 2 stages x 2 data rows with global batch statistics, in three topologies
+    # against one reference (one process of 4 devices): 2 processes of 2 devices, each
+    # holding a data row (every stage), and 4 processes of one CPU device, as on
+    # accelerators, where the handoffs and the data all-reduce both cross processes. (2
+    # processes of one device, the one-row program, run from the command line in
+    # test_network.py's CommandLineTest, against the same pipeline in one process.)
     args = ('--stages=2', '--batch_norm=global')
+    runs = {}
     with tempfile.TemporaryDirectory() as out_dir:
-      one = run_workers(os.path.join(out_dir, 'one'), num_processes=1, local_devices=4,
-                        engine='pipeline', extra_args=args)
-      four = run_workers(os.path.join(out_dir, 'four'), num_processes=4, local_devices=1,
-                         engine='pipeline', extra_args=args)
-    self.assertEqual([r['mesh'] for r in one + four], [[2, 2]] + [[2, 2]] * 4)
-    for run in (four,):
-      # Each process holds only its own stage, and digests agree without a gather.
-      self.assertEqual([sorted(r['stages']) for r in run], [[0], [1]] * (len(run) // 2))
-      self.assertEqual({r['digest'] for r in run}, {run[0]['digest']})
-      for r in run:
-        np.testing.assert_allclose(r['loss'], one[0]['loss'], rtol=1e-4)
-        stage = next(iter(r['stages']))
-        np.testing.assert_allclose(r['stages'][stage], one[0]['stages'][stage],
-                                   rtol=RTOL, atol=ATOL)
+      for processes in (1, 2, 4):
+        runs[processes] = run_workers(os.path.join(out_dir, str(processes)),
+                                      num_processes=processes, local_devices=4 // processes,
+                                      engine='pipeline', extra_args=args)
+    one, two, four = runs[1], runs[2], runs[4]
+    self.assertEqual([r['global_devices'] for r in one + two + four], [4] * 7)
+    self.assertEqual([r['mesh'] for r in one + two + four], [[2, 2]] * 7)
+    # Each of 2 processes holds one data row, every stage, and the whole result.
+    self.assertEqual([sorted(r['stages']) for r in two], [[0, 1]] * 2)
+    self.assertEqual(two[0]['digest'], two[1]['digest'])
+    for process in two:
+      # Different collectives (in-process against gloo) may sum in another order.
+      np.testing.assert_allclose(process['loss'], one[0]['loss'], rtol=1e-5)
+      chex.assert_trees_all_close(process['stages'], one[0]['stages'], rtol=RTOL, atol=ATOL)
+    # Each of 4 processes holds only its own stage, and digests agree without a gather.
+    self.assertEqual([sorted(r['stages']) for r in four], [[0], [1]] * 2)
+    self.assertEqual({r['digest'] for r in four}, {four[0]['digest']})
+    for r in four:
+      np.testing.assert_allclose(r['loss'], one[0]['loss'], rtol=1e-4)
+      stage = next(iter(r['stages']))
+      np.testing.assert_allclose(r['stages'][stage], one[0]['stages'][stage],
+                                 rtol=RTOL, atol=ATOL)
 
 
 def _stage_digests(pipeline, state):
