@@ -74,6 +74,8 @@ tick's collectives are in `per_step`, and the total is still right).
 Collectives within groups of one device move nothing and are left out. `convolutions`: which convolutions the step runs (`onednn` custom calls
 or XLA's own; XLA:CPU's are slower, and data-parallel programs keep XLA's so
 the partitioner can shard them: part of any data-vs-sync difference on CPU).
+`compile_seconds` (blocks): lowering and compiling the pipeline's step, in process
+0 (a load from the persistent compilation cache where one is set).
 `bubble_fraction` (blocks): idle stage slots over all slots since the
 pipeline was filled, (S - 1) / (steps_run x M + S - 1), since the pipeline
 stays full between drains and pays its S - 1 ticks of fill and drain once
@@ -97,6 +99,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 from absl import app
 from absl import flags
@@ -377,7 +380,9 @@ def _distributed_worker(config: str, split_points, cores) -> dict:
     carry = pipeline.init(states)
     sharded = pipeline.shard_batch({name: value[index * local:(index + 1) * local]
                                     for name, value in batch.items()})
+    started = time.perf_counter()
     compiled = pipeline.step.lower(carry, sharded).compile()
+    compile_seconds = time.perf_counter() - started
     timing, carry = _time(lambda state: pipeline.step(state, sharded)[0], carry)
     fields = _programs_fields([compiled], blockwise=False)
     steps_run = WARMUP_STEPS + FLAGS.steps
@@ -387,7 +392,7 @@ def _distributed_worker(config: str, split_points, cores) -> dict:
         activation_bytes_per_example=4 * plan.activation_length,
         bubble_fraction=round((num_stages - 1)
                               / (steps_run * FLAGS.microbatches + num_stages - 1), 4),
-        steps_run=steps_run)
+        steps_run=steps_run, compile_seconds=round(compile_seconds, 3))
   else:
     mode = 'bwbpf' if config == 'data_bwbpf' else 'bp'
     model, tx, states, batch = _experiment(split_points, mode=mode)

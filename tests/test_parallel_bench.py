@@ -156,6 +156,7 @@ def test_every_configuration_reports_its_fields():
   assert (blocks['collective_bytes']['total_per_step']
           >= 2 * 8 * blocks['activation_bytes_per_example'])
   assert 0 < blocks['bubble_fraction'] < 1
+  assert blocks['compile_seconds'] > 0
   # Data parallelism all-reduces gradients once per step, outside any loop.
   assert lines['data_bp']['collective_bytes']['per_step'] > 0
   assert lines['data_bp']['collective_bytes']['per_tick'] == 0

@@ -358,12 +358,18 @@ class MultiDeviceTest(parameterized.TestCase):
     for shard in batch['image'].addressable_shards:
       self.assertEqual(shard.data.shape, (1, 2) + IMAGE)
     text = pipeline.step.lower(pipeline.init(states), batch).compile().as_text()
-    # A micro-batch travels as one message of rows (2 examples per row here):
-    # its images flattened, with its labels and valid flags as extra columns.
+    # Each later stage's micro-batches travel as one message, before the ticks: a row per
+    # micro-batch (1 here), its examples' images flattened, their labels as extra columns.
     image_length = int(np.prod(IMAGE))
-    image_moves = [line for line in text.splitlines() if ' collective-permute(' in line
-                   and int(re.search(r'= f32\[2,(\d+)\]', line).group(1)) > image_length]
-    self.assertNotEmpty(image_moves)
+    permutes = [line for line in text.splitlines() if ' collective-permute(' in line]
+    image_moves = [line for line in permutes
+                   if re.search(r'= f32\[1,(\d+)\]', line)
+                   and int(re.search(r'= f32\[1,(\d+)\]', line).group(1)) > 2 * image_length]
+    self.assertLen(image_moves, 3)  # From stages 1, 2 and 3.
+    # Outside the one loop over the ticks, whose body (compiled once, not once per stage
+    # holding inputs) permutes one message: the handoff to the next stage.
+    self.assertEqual([line for line in image_moves if '/while/' in line], [])
+    self.assertLen([line for line in permutes if '/while/' in line], 1)
     stage_zero = {str(d.id) for d in pipeline.mesh.devices[:, 0]}
     for line in image_moves:
       pairs = re.findall(r'\{(\d+),(\d+)\}', line.split('source_target_pairs=')[1])

@@ -38,9 +38,14 @@ row the reduction is absent).
 
 Inputs reach stage 0 only. A batch's M micro-batches are laid out over the
 stage axis ([S * c, b, ...] with c = ceil(M / S), sharded on 'stage' and
-'data'): each device holds c of them, and at tick m the owner of micro-batch m
-sends it to stage 0 (`lax.ppermute`, absent when stage 0 owns it), so no
-device holds more than its share of a batch's images.
+'data'): each device holds c of them, so a process copies to its devices only
+their share. At the start of a step each later stage sends its micro-batches to
+stage 0 in one message (`lax.ppermute`, outside the loop over ticks), and one
+loop runs every tick: XLA compiles the tick, which holds every stage's blocks,
+once, where a loop per owner of micro-batches compiled it up to S times (the
+step compiles in 0.55-0.86x the time, evaluation in 0.5-0.7x, on XLA:CPU:
+docs/results.md). The price: for a step's length stage 0 holds its row's M
+micro-batches of images, not c, which is small beside a stage's activations.
 
 Because every block input is detached, block k's update on micro-batch m
 depends only on its own state and block k-1's output on m, which block k-1
@@ -636,27 +641,27 @@ class StagePipeline:
   def _ticks(self, tick, carry, feed, num_idle: int = 0):
     """Runs `tick(carry, item)` over the fed micro-batches, then `num_idle` empty ones.
 
-    `feed` holds this device's c micro-batch slots ([c, b_d, ...] leaves); the
-    fed ticks run in S segments, segment j taking its micro-batches from stage
-    j's slots (sent to stage 0, the only reader, by a `ppermute` outside any
-    conditional). An empty micro-batch (labels `EMPTY_LABEL`) is a bubble.
+    `feed` holds this device's c micro-batch slots ([c, b_d, ...] leaves). First,
+    each later stage j sends the slots it holds (micro-batches j*c, ...) to stage
+    0, the only reader, one `ppermute` each, outside any conditional or loop;
+    then one loop runs every tick, so XLA compiles the tick, which holds every
+    stage's blocks, once rather than once per owner of micro-batches. An empty
+    micro-batch (labels `EMPTY_LABEL`) is a bubble.
     """
     c = self.feed_slots
+    parts = []
     for owner in range(self.plan.num_stages):
       count = min(c, self.num_microbatches - owner * c)
       if count <= 0:
         break
-
-      def fed_tick(carry, slot, owner=owner):
-        item = jax.tree_util.tree_map(lambda x: x[slot], feed)
-        if owner:
-          item = _permute_as_one(item, [(owner, 0)])
-        return tick(carry, item), None
-      carry, _ = lax.scan(fed_tick, carry, jnp.arange(count))
+      part = jax.tree_util.tree_map(lambda x, count=count: x[:count], feed)
+      parts.append(_permute_as_one(part, [(owner, 0)]) if owner else part)
     if num_idle:
       empty = self._per_example_varying(self._empty_item(tuple(feed)))
-      carry, _ = lax.scan(lambda carry, _: (tick(carry, empty), None), carry, None,
-                          length=num_idle)
+      parts.append(jax.tree_util.tree_map(
+          lambda x: jnp.broadcast_to(x, (num_idle,) + x.shape), empty))
+    items = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
+    carry, _ = lax.scan(lambda carry, item: (tick(carry, item), None), carry, items)
     return carry
 
   def _empty_item(self, names) -> dict:
