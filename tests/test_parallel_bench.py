@@ -96,9 +96,10 @@ _COMMON_FIELDS = ('config', 'arch', 'width', 'batch_size', 'microbatches', 'num_
 _PROCESS_FIELDS = ('cores', 'cpu_per_wall', 'peak_rss_bytes')
 
 
-def _bench(*flags, timeout=1500):
+def _bench(*flags, timeout=1500, env=None):
   return subprocess.run([sys.executable, '-m', 'benchmarks.parallel_bench', *_TINY, *flags],
-                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
 
 
 def _lines(proc) -> dict:
@@ -121,7 +122,8 @@ def test_a_bad_flag_is_one_line_and_exit_2(flags, message):
 
 @pytest.mark.slow
 def test_every_configuration_reports_its_fields():
-  proc = _bench()
+  # The cut given: choosing it times every cut (the next test), ~50 s of compiling here.
+  proc = _bench('--split_points=4')
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = _lines(proc)
   assert sorted(lines) == sorted(['sync', 'sync_full_batch', 'blocks', 'data_bwbpf',
@@ -161,6 +163,25 @@ def test_every_configuration_reports_its_fields():
   assert lines['data_bp']['collective_bytes']['per_step'] > 0
   assert lines['data_bp']['collective_bytes']['per_tick'] == 0
   assert lines['sync']['collective_bytes']['total_per_step'] == 0
+
+
+@pytest.mark.slow
+def test_the_cut_is_the_timed_two_block_cut_whose_slower_block_is_fastest():
+  # Without --split_points: each unit timed alone, then every two-block cut as it would run;
+  # tests/user_networks.py's CNN has 4 units, so 3 cuts.
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  proc = _bench('--configs=sync', '--arch=user_networks:small_cnn',
+                env={'PYTHONPATH': os.pathsep.join([REPO, tests_dir])})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sync = _lines(proc)['sync']
+  assert len(sync['unit_seconds']) == 4 and min(sync['unit_seconds']) > 0, sync
+  cuts = sync['cut_seconds']
+  assert sorted(cuts) == ['1', '2', '3'], cuts
+  (point,) = sync['split_points']
+  # The reported times are rounded to 10 us; the choice was made on the unrounded ones.
+  assert max(cuts[str(point)]) <= min(max(times) for times in cuts.values()) + 1e-5, sync
+  assert sync['block_seconds'] == cuts[str(point)]
+  assert sync['projected_speedup'] > 0
 
 
 def test_a_failing_worker_names_its_configuration_and_stops_the_others():
