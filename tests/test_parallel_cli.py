@@ -108,28 +108,6 @@ class ParallelCommandLineTest(absltest.TestCase):
     np.testing.assert_allclose(results['block_test_accuracy'],
                                _results(sync_dir)['block_test_accuracy'], atol=2 / 360)
 
-  @pytest.mark.slow
-  def test_block_parallel_on_2x2_mesh_killed_and_resumed_is_exact(self):
-    flags = (*SMALL, '--batch_size=32', '--max_steps=6', '--parallel=blocks',
-             '--microbatches=2', '--checkpoint_every=2')
-    reference = self.create_tempdir().full_path
-    proc = run_main(*flags, f'--workdir={reference}', env=_devices_env(4))
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assertEqual(_results(reference)['mesh'], {'data': 2, 'stage': 2})
-
-    workdir = self.create_tempdir().full_path
-    with mock.patch.dict(os.environ, _devices_env(4)):  # _Background passes os.environ on.
-      run = _Background(self.create_tempdir().full_path, *flags, f'--workdir={workdir}')
-      run.wait_for(lambda: _checkpoint_steps(workdir), timeout=240)
-      run.proc.send_signal(signal.SIGKILL)
-      run.output()
-    killed_at = _checkpoint_steps(workdir)[-1]
-    proc = run_main(*flags, f'--workdir={workdir}', env=_devices_env(4))
-    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    resumed_at = int(re.search(r'resuming at step (\d+) of 6', proc.stdout).group(1))
-    self.assertGreaterEqual(resumed_at, killed_at)
-    self.assertEqual(_results(workdir)['params_digest'], _results(reference)['params_digest'])
-
   def _run_two_processes(self, *flags, devices_per_process=1):
     """`experiments.main FLAGS` as 2 processes on loopback; returns (results, both stdouts)."""
     workdir = self.create_tempdir().full_path
@@ -157,18 +135,35 @@ class ParallelCommandLineTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(os.path.join(workdir, 'checkpoints'))), ['4'])
 
   @pytest.mark.slow
-  def test_block_parallel_across_two_processes_matches_one_process(self):
-    flags = (*SMALL, '--batch_size=32', '--max_steps=4', '--parallel=blocks',
-             '--microbatches=2')
-    # One data row per process, both stages in each: each process feeds its half.
+  def test_block_parallel_on_a_2x2_mesh_across_processes_and_killed_and_resumed(self):
+    # One run of one process of 4 devices is the reference of both: 2 processes of 2
+    # devices (one data row each, both stages in each: each process feeds its half) train
+    # as it does, and a run of it killed after a checkpoint resumes to its bits.
+    flags = (*SMALL, '--batch_size=32', '--max_steps=6', '--parallel=blocks',
+             '--microbatches=2', '--checkpoint_every=2')
+    reference = self.create_tempdir().full_path
+    proc = run_main(*flags, f'--workdir={reference}', env=_devices_env(4))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(_results(reference)['mesh'], {'data': 2, 'stage': 2})
+
     workdir, _ = self._run_two_processes(*flags, devices_per_process=2)
     results = _results(workdir)
     self.assertEqual((results['mesh'], results['num_devices'], results['num_processes']),
                      ({'data': 2, 'stage': 2}, 4, 2))
-    one_process = self.create_tempdir().full_path
-    proc = run_main(*flags, f'--workdir={one_process}', env=_devices_env(4))
+    self.assert_same_training(results, _results(reference), rtol=1e-5)
+
+    workdir = self.create_tempdir().full_path
+    with mock.patch.dict(os.environ, _devices_env(4)):  # _Background passes os.environ on.
+      run = _Background(self.create_tempdir().full_path, *flags, f'--workdir={workdir}')
+      run.wait_for(lambda: _checkpoint_steps(workdir), timeout=240)
+      run.proc.send_signal(signal.SIGKILL)
+      run.output()
+    killed_at = _checkpoint_steps(workdir)[-1]
+    proc = run_main(*flags, f'--workdir={workdir}', env=_devices_env(4))
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assert_same_training(results, _results(one_process), rtol=1e-5)
+    resumed_at = int(re.search(r'resuming at step (\d+) of 6', proc.stdout).group(1))
+    self.assertGreaterEqual(resumed_at, killed_at)
+    self.assertEqual(_results(workdir)['params_digest'], _results(reference)['params_digest'])
 
   def test_block_parallel_images_per_second_means_one_thing_in_every_report(self):
     # Images trained per second of training time: compilation (the drain's included)
