@@ -416,7 +416,7 @@ def _stage_only(tree):
 
 
 def _permute_as_one(tree, perm):
-  """`lax.ppermute` of a pytree of arrays with a leading axis ([n, ...], scalars too) as one message.
+  """`lax.ppermute` of a pytree of arrays ([n, ...] with one n; scalars too) as one message.
 
   Each collective is a synchronisation between devices, whose latency (a
   wake-up, a network round trip) does not shrink with its size; so the leaves
