@@ -138,7 +138,8 @@ class OneDeviceTest(parameterized.TestCase):
             parallel.make_stage_plan, model, tx, IMAGE, 5)
     # A device count the stages do not divide: the counts that work, most stages first.
     refused(r'^num_stages=2 needs a multiple of 2 devices \(one stage each, times the data '
-            r'rows\), found 3; use num_stages=3 \(or 1\)$', parallel.make_pipeline_mesh, 2, jax.devices()[:1] * 3)
+            r'rows\), found 3; use num_stages=3 \(or 1\)$',
+            parallel.make_pipeline_mesh, 2, jax.devices()[:1] * 3)
     refused(r'^num_stages=4 needs a multiple of 4 devices .*, found 2; use '
             r'num_stages=2 \(or 1\), or run on 4 accelerators or processes',
             parallel.make_pipeline_mesh, 4, jax.devices()[:1] * 2, max_stages=4)

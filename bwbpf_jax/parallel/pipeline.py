@@ -196,8 +196,9 @@ class _Packing:
   Every value survives the round trip exactly, whatever the network keeps:
   float32 leaves are copied, uint32 bit-cast, int32 (optax step counts, exact
   below 2**24) and narrower floats and integers (bfloat16 or float16
-  parameters, int8 counters) widened. Only 64-bit leaves, which float32 cannot hold, are refused. `unpack`
-  works on jax and numpy arrays alike (the host unpacks checkpoints' shards).
+  parameters, int8 counters) widened. Only 64-bit leaves, which float32 cannot
+  hold, are refused. `unpack` works on jax and numpy arrays alike (the host
+  unpacks checkpoints' shards).
   """
   treedef: Any
   shapes: tuple
