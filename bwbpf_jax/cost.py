@@ -42,13 +42,8 @@ def _block_features(block, variables, x):
 
 
 def _head_alone(block, variables, features, image_shape):
-  """The block's head on its backbone part's output, as `Block.__call__` runs it."""
-  def head(module, features):
-    with layers.library_layers():
-      if isinstance(module.head, models.heads.Objective):
-        return module.head(features, train=False, image_shape=image_shape)
-      return module.head(features, train=False)
-  return block.apply(variables, features, method=head)
+  return block.apply(variables, features, train=False, image_shape=image_shape,
+                     method='head_outputs')
 
 
 def flop_counts(model: PartitionedModel, input_shape) -> dict:

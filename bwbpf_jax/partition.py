@@ -100,14 +100,22 @@ class Block(nn.Module):
         x = layer(self)(x, train=train)
     return x
 
+  def head_outputs(self, features, train: bool, image_shape=None):
+    """What `loss` reads, from the block's features: the head alone (as cost.py counts it)."""
+    with models.layers.library_layers():
+      return self._head_outputs(features, train, image_shape)
+
+  def _head_outputs(self, features, train: bool, image_shape):
+    if isinstance(self.head, models.heads.Objective):
+      return self.head(features, train=train, image_shape=image_shape)
+    return {'logits': self.head(features, train=train)}
+
   def __call__(self, x, train: bool, image_shape=None):
     """`image_shape`: the input image's static (H, W, C), what a decoder reconstructs."""
     with models.layers.library_layers():
       x = self._features(x, train)
       head_input = jax.lax.stop_gradient(x) if self.detach_head_input else x
-      if isinstance(self.head, models.heads.Objective):
-        return x, self.head(head_input, train=train, image_shape=image_shape)
-      return x, {'logits': self.head(head_input, train=train)}
+      return x, self._head_outputs(head_input, train, image_shape)
 
 
 @dataclasses.dataclass(frozen=True)

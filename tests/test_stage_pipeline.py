@@ -364,8 +364,8 @@ class MultiDeviceTest(parameterized.TestCase):
     image_length = int(np.prod(IMAGE))
     permutes = [line for line in text.splitlines() if ' collective-permute(' in line]
     image_moves = [line for line in permutes
-                   if re.search(r'= f32\[1,(\d+)\]', line)
-                   and int(re.search(r'= f32\[1,(\d+)\]', line).group(1)) > 2 * image_length]
+                   if (shape := re.search(r'= f32\[1,(\d+)\]', line))
+                   and int(shape.group(1)) > 2 * image_length]
     self.assertLen(image_moves, 3)  # From stages 1, 2 and 3.
     # Outside the one loop over the ticks, whose body (compiled once, not once per stage
     # holding inputs) permutes one message: the handoff to the next stage.
