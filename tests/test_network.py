@@ -334,12 +334,12 @@ class MultiDeviceTest(parameterized.TestCase):
   @parameterized.parameters(*NETWORKS)
   def test_stage_pipeline_equals_synchronous_steps(self, name):
     # Two data rows with global statistics: the user's nn.BatchNorm must average over rows.
+    # (One row is the pipeline's own case, tests/test_stage_pipeline.py; a mesh compiles anew.)
     model, tx, states = _setup(name, 2)
     batches = _batches(2)
     expected = _synchronous(model, tx, states, batches)
-    for rows in (1, 2):
-      trained = _pipeline_train(model, tx, states, batches, num_stages=2, num_rows=rows)
-      chex.assert_trees_all_close(trained, expected, rtol=1e-4, atol=1e-5)
+    trained = _pipeline_train(model, tx, states, batches, num_stages=2, num_rows=2)
+    chex.assert_trees_all_close(trained, expected, rtol=1e-4, atol=1e-5)
 
 
 def _user_env(**extra) -> dict:

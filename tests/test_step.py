@@ -77,19 +77,16 @@ class GradientIsolationTest(parameterized.TestCase):
 class DeepCutIsolationTest(parameterized.TestCase):
   """GradientIsolationTest's checks on more blocks, deeper networks and MLP heads."""
 
-  @parameterized.parameters(('vgg11', 4), ('resnet18', 8), ('resnet50', 4))
-  def test_bwbpf_local_loss_reaches_only_its_own_block(self, arch, num_blocks):
-    check_bwbpf_isolation(self, _setup(arch, num_blocks, 'bwbpf'))
+  # resnet18 at K=8 (cuts inside its stages) with MLP heads: one jacobian for both, each
+  # the most compiling case of its kind (the linear heads' deep cuts: vgg11, resnet50).
+  @parameterized.parameters(('vgg11', 4, 'linear'), ('resnet18', 8, 'mlp'),
+                            ('resnet50', 4, 'linear'))
+  def test_bwbpf_local_loss_reaches_only_its_own_block(self, arch, num_blocks, aux_head):
+    check_bwbpf_isolation(self, _setup(arch, num_blocks, 'bwbpf', aux_head=aux_head))
 
   @parameterized.parameters(('resnet18', 3))
   def test_deep_supervision_sends_later_losses_into_earlier_blocks(self, arch, num_blocks):
     check_deep_supervision(self, _setup(arch, num_blocks, 'deep_supervision'))
-
-  def test_mlp_heads_are_isolated_too(self):
-    model, _, states = _setup('resnet18', 4, 'bwbpf', aux_head='mlp')
-    grads = _per_loss_grads(model, states, _batch())
-    self.assertTrue(_is_zero(grads[2][1]) and _is_zero(grads[3][0]))
-    self.assertFalse(_is_zero(grads[1][1]))
 
   @parameterized.parameters(('resnet18', 3))
   def test_bp_backbone_gradient_is_plain_backprop(self, arch, num_blocks):

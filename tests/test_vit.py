@@ -267,18 +267,16 @@ class MultiDeviceTest(parameterized.TestCase):
   def test_data_parallel_step_equals_one_device(self):
     test_network.check_data_parallel_equals_one_device(*_setup(2, aux_head='transformer'))
 
-  # K=2: one block per stage, on one and on two data rows; K=4: two blocks per stage (the
-  # rows are the same code for any blocks per stage, and each mesh compiles anew: ~30 s).
-  @parameterized.parameters((2, 'linear', (1, 2)), (4, 'transformer', (1,)))
-  def test_stage_pipeline_in_2_stages_equals_synchronous_steps(self, num_blocks, aux_head,
-                                                               data_rows):
-    model, tx, states = _setup(num_blocks, aux_head=aux_head)
+  def test_stage_pipeline_in_2_stages_equals_synchronous_steps(self):
+    # One mesh, as each compiles anew (~30 s): two blocks per stage with transformer heads
+    # on two data rows, whose layer norms take no statistics across rows. One block per
+    # stage and one row are the pipeline's own cases (tests/test_stage_pipeline.py).
+    model, tx, states = _setup(4, aux_head='transformer')
     batches = test_network._batches(2)
     expected = test_network._synchronous(model, tx, states, batches)
-    for rows in data_rows:
-      trained = test_network._pipeline_train(model, tx, states, batches, num_stages=2,
-                                             num_rows=rows)
-      chex.assert_trees_all_close(trained, expected, rtol=1e-4, atol=1e-5)
+    trained = test_network._pipeline_train(model, tx, states, batches, num_stages=2,
+                                           num_rows=2)
+    chex.assert_trees_all_close(trained, expected, rtol=1e-4, atol=1e-5)
 
 
 if __name__ == '__main__':
