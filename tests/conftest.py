@@ -12,13 +12,26 @@ library's cache folder (`$BWBPF_CACHE_DIR`, default ~/.cache/bwbpf_jax);
 `JAX_ENABLE_COMPILATION_CACHE=false` turns it off. An entry is keyed on the
 program, the XLA flags and the jax version, so a stale one is never used; the
 folder is trimmed to its newest entries when it grows past `_CACHE_MAX_BYTES`.
+The key also holds the folder's own path (jax names a folder inside it in the
+compile options), so a copied or moved folder starts cold.
 """
 
 import os
 import signal
 
-os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
+from experiments import xla_defaults  # pylint: disable=g-import-not-at-top
+
+_LITTLE_OPTIMISATION = '--xla_backend_optimization_level=0'
+# Once: pytest-xdist's workers and the pytest processes tests start import this file again
+# with the flag inherited. The cache key hashes XLA_FLAGS as written, so a repeated flag
+# would keep `pytest -n auto` and `pytest tests/one_file.py` from sharing cached programs.
+if _LITTLE_OPTIMISATION not in os.environ.get('XLA_FLAGS', '').split():
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', ''), _LITTLE_OPTIMISATION]).strip()
+# The command line's convolution setting, in every test process from the start: whether
+# a test module imported experiments.main before XLA started no longer decides it (nor,
+# through XLA_FLAGS, the cache keys).
+xla_defaults.apply()
 
 # A full suite writes about 1,500 entries, 35-50 MB (measured); room for many versions.
 _CACHE_MAX_BYTES = 2 << 30
