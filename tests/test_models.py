@@ -49,13 +49,17 @@ def _unit_output_sizes(arch, stem, image_size):
   return sizes, stage_of_unit
 
 
-def check_block_shapes(test, arch, stem_and_size):
+def check_block_shapes(test, arch, stem_and_size, expected_count=None, num_classes=200):
   """Every block reports logits; every stage halves the resolution; the output block
-  sees the lowest one."""
+  sees the lowest one. With `expected_count`, also the backbone's parameter count at
+  full width, from the same trace (tracing a deep network is most of the cost)."""
   stem, size = stem_and_size
-  shapes, _ = _shapes_and_count(arch, stem, size, 200, width=0.25)
+  width = 0.25 if expected_count is None else 1.0
+  shapes, count = _shapes_and_count(arch, stem, size, num_classes, width=width)
+  if expected_count is not None:
+    test.assertEqual(count, expected_count)
   for features, logits in shapes:
-    test.assertEqual(logits, (2, 200))
+    test.assertEqual(logits, (2, num_classes))
     test.assertLen(features, 4)
   # Every stage halves the resolution: a VGG stage in its last unit (the max-pool),
   # a ResNet stage after the first in its first unit (the stride); the first ResNet
@@ -122,23 +126,22 @@ class ParameterCountTest(parameterized.TestCase):
     self.assertEqual(count, expected)
 
 
-@pytest.mark.slow
-class DeepArchitectureParameterCountTest(parameterized.TestCase):
-
-  @parameterized.parameters(*[case for case in PARAMETER_COUNTS if not _fast(case[0])])
-  def test_backbone_count(self, arch, stem, num_classes, expected):
-    _, count = _shapes_and_count(arch, stem, 32, num_classes)
-    self.assertEqual(count, expected)
+_COUNTS = {(arch, stem): (num_classes, expected)
+           for arch, stem, num_classes, expected in PARAMETER_COUNTS}
 
 
 @pytest.mark.slow
 class DeepArchitectureShapeTest(parameterized.TestCase):
+  """ShapeTest and ParameterCountTest on the other architectures, one trace for both (each
+  deep count's architecture and stem is one of these cases)."""
 
   @parameterized.product(arch=[a for a in bw.ARCHITECTURES if not _fast(a)
                                and a not in bw.models.vit.ARCHITECTURES],  # Maps only.
                          stem_and_size=STEMS_AND_SIZES)
-  def test_every_block_reports_logits_and_resolution_halves(self, arch, stem_and_size):
-    check_block_shapes(self, arch, stem_and_size)
+  def test_every_block_reports_logits_and_resolution_halves_and_the_count(self, arch,
+                                                                         stem_and_size):
+    num_classes, expected = _COUNTS.get((arch, stem_and_size[0]), (200, None))
+    check_block_shapes(self, arch, stem_and_size, expected, num_classes)
 
 
 class ShapeTest(parameterized.TestCase):
