@@ -12,8 +12,14 @@ import os
 CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 
 
+def add_flag(flag: str) -> None:
+  """Adds `--option=value` to XLA_FLAGS unless the option is there already (the user's
+  value wins, and a process that inherits the flag does not repeat it)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if flag.split('=')[0] + '=' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+
+
 def apply():
   """Adds the CPU convolution flag to XLA_FLAGS unless the user set that option."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_cpu_experimental_ynn_fusion_type' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {CPU_CONV_FLAG}'.strip()
+  add_flag(CPU_CONV_FLAG)

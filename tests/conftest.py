@@ -21,13 +21,10 @@ import signal
 
 from experiments import xla_defaults  # pylint: disable=g-import-not-at-top
 
-_LITTLE_OPTIMISATION = '--xla_backend_optimization_level=0'
 # Once: pytest-xdist's workers and the pytest processes tests start import this file again
 # with the flag inherited. The cache key hashes XLA_FLAGS as written, so a repeated flag
 # would keep `pytest -n auto` and `pytest tests/one_file.py` from sharing cached programs.
-if _LITTLE_OPTIMISATION not in os.environ.get('XLA_FLAGS', '').split():
-  os.environ['XLA_FLAGS'] = ' '.join(
-      [os.environ.get('XLA_FLAGS', ''), _LITTLE_OPTIMISATION]).strip()
+xla_defaults.add_flag('--xla_backend_optimization_level=0')
 # The command line's convolution setting, in every test process from the start: whether
 # a test module imported experiments.main before XLA started no longer decides it (nor,
 # through XLA_FLAGS, the cache keys).
